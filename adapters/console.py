@@ -1,0 +1,162 @@
+"""The local console chat: stdin lines in, streamed answers out.
+
+Works interactively (a prompt, statuses on stderr, Ctrl-C stops an answer, Ctrl-C or EOF at
+the prompt quits) and piped (`printf 'ping\\n' | python -m bot console` prints the answer and
+exits at end of input). Lines are answered in order; `/stop` typed during an answer acts at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import locale
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from bot.app import App
+from bot.messages import ImageAttachment, Incoming, Phase, SurfaceLimits
+
+LIMITS = SurfaceLimits(max_length=1_000_000, min_edit_interval=0.0)
+
+
+@dataclass
+class _Printed:
+    text: str = ""
+
+
+class ConsoleSurface:
+    limits = LIMITS
+
+    def __init__(self, out: TextIO, err: TextIO, tty: bool) -> None:
+        self.out, self.err, self.tty = out, err, tty
+        self.status_shown = False
+
+    async def post(self, text: str, *, phase: Phase) -> _Printed:
+        handle = _Printed()
+        await self.edit(handle, text, phase=phase)
+        return handle
+
+    async def edit(self, handle: _Printed, text: str, *, phase: Phase) -> None:
+        if phase == "status":  # queue and loading notices: stderr, one line, overwritten
+            if self.tty:
+                self.err.write("\r\033[K" + text)
+                self.err.flush()
+                self.status_shown = True
+            return
+        self._clear_status()
+        if text.startswith(handle.text):
+            self.out.write(text[len(handle.text) :])
+        else:  # the text changed in place (e.g. a stop mark replaced): show it again
+            self.out.write("\n" + text)
+        handle.text = text
+        if phase in ("done", "sealed", "notice"):
+            self.out.write("\n")
+        self.out.flush()
+
+    async def typing(self) -> None:
+        pass
+
+    def _clear_status(self) -> None:
+        if self.status_shown:
+            self.err.write("\r\033[K")
+            self.err.flush()
+            self.status_shown = False
+
+
+class ConsoleAdapter:
+    name = "console"
+
+    def __init__(self, app: App, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+        self.app = app
+        self.stdin, self.out, self.err = stdin, out, err
+        self.tty = stdin.isatty() and out.isatty()
+        self.user = _user_name()
+        self.language = _language()
+        self._answering: asyncio.Task | None = None
+
+    def incoming(self, text: str) -> Incoming:
+        image = None
+        command, _, rest = text.partition(" ")
+        if command == "/image" and rest.strip():
+            path, _, question = rest.strip().partition(" ")
+            image = _file_attachment(Path(path).expanduser())
+            text = question
+        return Incoming(
+            platform="console", chat_id="local", user_id=self.user, user_name=self.user,
+            text=text, language=self.language, image=image,
+        )
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read(lines))
+        if self.tty:
+            self.err.write("InternLM console chat. /help lists the commands; Ctrl-C stops an answer; Ctrl-D quits.\n")
+            try:
+                loop.add_signal_handler(signal.SIGINT, self._interrupt)
+            except (NotImplementedError, RuntimeError):
+                pass
+        try:
+            while True:
+                if self.tty:
+                    self.out.write("> ")
+                    self.out.flush()
+                line = await lines.get()
+                if line is None:
+                    break
+                if not line.strip():
+                    continue
+                self._answering = asyncio.create_task(self.app.handle(self.incoming(line), ConsoleSurface(self.out, self.err, self.tty)))
+                await self._answering
+                self._answering = None
+        finally:
+            reader.cancel()
+            if self.tty:
+                try:
+                    loop.remove_signal_handler(signal.SIGINT)
+                except (NotImplementedError, RuntimeError):
+                    pass
+
+    async def _read(self, lines: asyncio.Queue) -> None:
+        """Read stdin on a thread; `/stop` acts at once, other lines queue in order."""
+        while True:
+            line = await asyncio.to_thread(self.stdin.readline)
+            if not line:
+                await lines.put(None)
+                return
+            line = line.rstrip("\n")
+            if line.strip() == "/stop" and self._answering is not None:
+                self.app.stop(self.app.session_key(self.incoming("")))
+                continue
+            await lines.put(line)
+
+    def _interrupt(self) -> None:
+        if self._answering is not None and self.app.stop(self.app.session_key(self.incoming(""))):
+            return
+        os.kill(os.getpid(), signal.SIGTERM)  # Ctrl-C at the prompt quits
+
+
+def _file_attachment(path: Path) -> ImageAttachment:
+    async def fetch() -> bytes:
+        return await asyncio.to_thread(path.read_bytes)
+
+    size = path.stat().st_size if path.is_file() else None
+    return ImageAttachment(fetch=fetch, size=size, filename=path.name)
+
+
+def _user_name() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "local"
+
+
+def _language() -> str:
+    for variable in ("LC_ALL", "LC_MESSAGES", "LANG"):
+        if os.environ.get(variable):
+            return os.environ[variable].split(".")[0]
+    return (locale.getlocale()[0] or "en").split(".")[0]

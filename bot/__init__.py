@@ -1,0 +1,1 @@
+"""InternLM chat bot: the platform-neutral core."""

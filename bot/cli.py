@@ -1,0 +1,114 @@
+"""Command line: run the configured adapters, force the console, or check the configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from .app import App, role_specs
+from .config import ROLES, ConfigError, Settings, load_settings
+from .logs import setup_logging
+
+log = logging.getLogger("bot")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bot", description="InternLM chat bot for Telegram, Discord and the console.")
+    parser.add_argument(
+        "mode", nargs="?", default="run", choices=("run", "console", "check"),
+        help="run: every adapter with a token (the console when none); console: local chat; check: show configuration",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.mode == "check":
+        return check(settings)
+    platforms = [] if args.mode == "console" else platform_names(settings)
+    setup_logging(settings, quiet_stderr=not platforms)
+    try:
+        asyncio.run(serve(settings, platforms))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def platform_names(settings: Settings) -> list[str]:
+    names = []
+    if settings.telegram_bot_token.get_secret_value():
+        names.append("telegram")
+    if settings.discord_bot_token.get_secret_value():
+        names.append("discord")
+    return names
+
+
+def build_app(settings: Settings) -> App:
+    from .features import install_features
+
+    app = App(settings)
+    install_features(app)
+    return app
+
+
+async def serve(settings: Settings, platforms: list[str]) -> None:
+    """Run the adapters until SIGTERM/SIGINT (or end of console input)."""
+    from adapters.registry import create_adapters
+
+    app = build_app(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM,) if not platforms else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    adapters = create_adapters(app, settings, platforms)
+    log.info("starting %s", ", ".join(a.name for a in adapters))
+    tasks = [asyncio.create_task(a.run(stop), name=a.name) for a in adapters]
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper and task.exception():
+                log.error("adapter %s stopped: %r", task.get_name(), task.exception())
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
+    except asyncio.TimeoutError:
+        log.warning("adapters did not stop within 30 s")
+    finally:
+        stopper.cancel()
+        for task in tasks:
+            task.cancel()
+        app.store.close()
+        log.info("stopped")
+
+
+def check(settings: Settings) -> int:
+    """Say what is configured and whether each model resolves; start nothing."""
+    from models.base import ModelUnavailable
+    from models.hub import resolve
+
+    print(f"configuration: OK (data in {settings.data_dir.resolve()})")
+    platforms = platform_names(settings)
+    for name in ("telegram", "discord"):
+        print(f"adapter {name}: {'configured' if name in platforms else 'not configured (no token)'}")
+    print(f"adapter console: {'not used (a platform token is set)' if platforms else 'used (no platform token)'}")
+    problems = 0
+    for role, spec in role_specs(settings).items():
+        if spec.backend == "openai":
+            where = f"served by {spec.base_url or '(no base URL!)'} as {spec.model}"
+            problems += not spec.base_url
+        else:
+            try:
+                where = resolve(spec.model, hub=spec.hub, variable=spec.variable, download=False).detail
+            except ModelUnavailable as exc:
+                where, problems = f"ERROR: {exc}", problems + 1
+        print(f"model {role:<6} [{spec.backend}] {spec.model}: {where}")
+    assert set(ROLES) == set(role_specs(settings))
+    return 1 if problems else 0

@@ -1,0 +1,84 @@
+"""Responders turn one user turn into a stream of display text.
+
+The plain chat responder (InternLM, Bajie) sends the persona's system prompt, the history that
+fits the model's context and the question to the persona's model. The agent and the image
+conversation plug in their own responders with the same shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+from models.base import Cancel, ChatBackend, ChatMessage, StreamStats
+from models.registry import ModelHub, WaitCallback
+
+from .messages import Incoming
+from .personas import Persona
+
+
+@dataclass
+class Turn:
+    msg: Incoming
+    session_key: str
+    tenant: str  # whose turn it is, for fair queueing
+    persona: Persona
+    history: list[ChatMessage]  # what the user and the persona said before, oldest first
+    text: str  # the question, cleaned
+    lang: str
+    cancel: Cancel
+    on_wait: WaitCallback
+    image: Any = None  # a prepared image for the vision persona
+    stats: StreamStats = field(default_factory=StreamStats)
+    stored_answer: str | None = None  # set by a responder to store something else than it showed
+
+
+class Responder(Protocol):
+    def respond(self, turn: Turn) -> AsyncIterator[str]: ...
+
+
+def fit_to_context(
+    backend: ChatBackend, system: list[ChatMessage], history: list[ChatMessage], question: list[ChatMessage], reserve: int
+) -> list[ChatMessage]:
+    """Drop the oldest history (whole exchanges) until the prompt plus `reserve` answer tokens fit.
+
+    Binary search over where the kept history starts: O(log n) tokenizations.
+    """
+    budget = backend.context_window - reserve
+    starts = [i for i, m in enumerate(history) if m.role == "user"] + [len(history)]
+    if starts[0] != 0:
+        starts.insert(0, 0)
+
+    def fits(start: int) -> bool:
+        return backend.count_tokens(system + history[start:] + question) <= budget
+
+    lo, hi = 0, len(starts) - 1
+    if fits(starts[lo]):
+        return system + history + question
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        if fits(starts[mid]):
+            hi = mid
+        else:
+            lo = mid
+    return system + history[starts[hi] :] + question
+
+
+class ChatResponder:
+    """A persona that is a chat model with a system prompt."""
+
+    def __init__(self, hub: ModelHub) -> None:
+        self.hub = hub
+
+    def respond(self, turn: Turn) -> AsyncIterator[str]:
+        persona = turn.persona
+        system = [ChatMessage("system", persona.system_prompt)] if persona.system_prompt else []
+        question = [ChatMessage("user", turn.text)]
+
+        def prompt(backend: ChatBackend) -> list[ChatMessage]:
+            return fit_to_context(backend, system, turn.history, question, persona.params.max_new_tokens)
+
+        return self.hub.get(persona.role).stream(
+            prompt, params=persona.params, cancel=turn.cancel, tenant=turn.tenant, on_wait=turn.on_wait, stats=turn.stats
+        )
+

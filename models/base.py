@@ -1,0 +1,92 @@
+"""The one small interface every model backend implements.
+
+A backend turns a list of chat messages into an async stream of text deltas. Cancellation is
+real: setting the `Cancel` stops the underlying generation (a stopping criterion on the worker
+thread, or closing the HTTP stream), not just the consumer.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Protocol
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system | user | assistant | environment
+    content: str
+    image: object | None = None  # a PIL.Image for the vision role; never persisted
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 1024
+    temperature: float = 0.8
+    top_p: float = 0.8
+    stop: tuple[str, ...] = ()  # extra stop strings (the backend always stops on end-of-turn)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def with_(self, **changes: object) -> "GenerationParams":
+        return replace(self, **changes)
+
+
+class Cancel:
+    """A thread-safe cancellation flag shared by the caller and the generating thread."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    @property
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+class ModelError(Exception):
+    """Generation failed; `user_message_key` names the i18n text to show the user."""
+
+    user_message_key = "model_failed"
+
+
+class ModelUnavailable(ModelError):
+    """The model cannot be loaded or reached (missing checkpoint, server down)."""
+
+    user_message_key = "model_unavailable"
+
+
+@dataclass
+class StreamStats:
+    """Filled in by a backend while streaming; read by benches and logs."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class ChatBackend(Protocol):
+    """A loaded (or reachable) model."""
+
+    name: str
+    context_window: int
+
+    def count_tokens(self, messages: list[ChatMessage]) -> int:
+        """Prompt tokens these messages take, including the template's tokens."""
+
+    def stream(
+        self,
+        messages: list[ChatMessage],
+        *,
+        params: GenerationParams,
+        cancel: Cancel,
+        stats: StreamStats | None = None,
+    ) -> AsyncIterator[str]:
+        """Yield text deltas until the model ends its turn, `params` stops it, or `cancel`."""

@@ -1,0 +1,137 @@
+"""Role → model. Roles that name the same model share one loaded instance and one queue.
+
+Models load lazily on first use, on a worker thread, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from .base import Cancel, ChatBackend, ChatMessage, GenerationParams, ModelUnavailable, StreamStats
+from .scheduler import FairScheduler
+
+log = logging.getLogger(__name__)
+
+WaitCallback = Callable[[str, int], None]
+"""Called with ("loading", 0), ("queued", position) and ("running", 0)."""
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    role: str
+    model: str
+    backend: str = "transformers"  # transformers | openai
+    variable: str = "CHAT_MODEL"  # the setting that names it, for error messages
+    hub: str = "huggingface"
+    base_url: str = ""
+    api_key: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    max_concurrency: int = 1
+    max_context_tokens: int = 8192
+    timeout: float = 120.0
+    max_retries: int = 3
+
+    @property
+    def share_key(self) -> tuple:
+        if self.backend == "openai":
+            return ("openai", self.base_url, self.model)
+        return (self.backend, self.model, self.device, self.dtype)
+
+
+def build_backend(spec: RoleSpec) -> ChatBackend:
+    """Create (not load) the backend for a role; runs on a worker thread."""
+    if spec.backend == "transformers":
+        from .hub import resolve
+        from .transformers_backend import TransformersBackend
+
+        path = resolve(spec.model, hub=spec.hub, variable=spec.variable).path
+        backend = TransformersBackend(path, device=spec.device, dtype=spec.dtype, max_context_tokens=spec.max_context_tokens)
+        backend.load()
+        return backend
+    raise ModelUnavailable(f"{spec.role.upper()}_BACKEND={spec.backend} is not supported")
+
+
+class ScheduledModel:
+    """A backend behind a fair queue, loaded on first use."""
+
+    def __init__(self, spec: RoleSpec, factory: Callable[[RoleSpec], ChatBackend] = build_backend) -> None:
+        self.spec = spec
+        self.factory = factory
+        self.scheduler = FairScheduler(spec.max_concurrency)
+        self.backend: ChatBackend | None = None
+        self._load_lock = asyncio.Lock()
+
+    async def ensure_loaded(self) -> ChatBackend:
+        if self.backend is None:
+            async with self._load_lock:
+                if self.backend is None:
+                    try:
+                        self.backend = await asyncio.to_thread(self.factory, self.spec)
+                    except ModelUnavailable:
+                        raise
+                    except Exception as exc:
+                        log.exception("loading %s failed", self.spec.model)
+                        raise ModelUnavailable(f"{self.spec.variable}={self.spec.model} failed to load: {exc}") from exc
+        return self.backend
+
+    @property
+    def context_window(self) -> int:
+        return self.backend.context_window if self.backend else self.spec.max_context_tokens
+
+    def count_tokens(self, messages: list[ChatMessage]) -> int:
+        assert self.backend is not None, "ensure_loaded() first"
+        return self.backend.count_tokens(messages)
+
+    async def stream(
+        self,
+        messages: list[ChatMessage] | Callable[[ChatBackend], list[ChatMessage]],
+        *,
+        params: GenerationParams,
+        cancel: Cancel,
+        tenant: str,
+        on_wait: WaitCallback | None = None,
+        stats: StreamStats | None = None,
+        **backend_options: object,
+    ) -> AsyncIterator[str]:
+        """Wait for the model (loading, then queueing), then stream. `messages` may be a
+        function of the loaded backend, so the prompt can be trimmed with its tokenizer."""
+        notify = on_wait or (lambda kind, n: None)
+        if self.backend is None:
+            notify("loading", 0)
+        backend = await self.ensure_loaded()
+        async with self.scheduler.slot(tenant, lambda n: notify("queued", n) if n else notify("running", 0)):
+            if cancel.is_set:
+                return
+            prompt = messages(backend) if callable(messages) else messages
+            async with aclosing(backend.stream(prompt, params=params, cancel=cancel, stats=stats, **backend_options)) as deltas:
+                async for delta in deltas:
+                    yield delta
+
+
+class ModelHub:
+    """The roles of one bot process."""
+
+    def __init__(self, specs: dict[str, RoleSpec], factory: Callable[[RoleSpec], ChatBackend] = build_backend) -> None:
+        self.specs = specs
+        self._shared: dict[tuple, ScheduledModel] = {}
+        self._by_role: dict[str, ScheduledModel] = {}
+        for role, spec in specs.items():
+            model = self._shared.get(spec.share_key)
+            if model is None:
+                model = self._shared[spec.share_key] = ScheduledModel(spec, factory)
+            self._by_role[role] = model
+
+    def get(self, role: str) -> ScheduledModel:
+        try:
+            return self._by_role[role]
+        except KeyError:
+            raise ModelUnavailable(f"no model is configured for the {role} role") from None
+
+    @property
+    def loaded(self) -> list[ScheduledModel]:
+        return [m for m in self._shared.values() if m.backend is not None]

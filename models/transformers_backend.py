@@ -1,0 +1,208 @@
+"""In-process generation with transformers: `generate` on a worker thread, deltas bridged to
+asyncio, cancellation through a stopping criterion checked after every token."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import AsyncIterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+
+from .base import Cancel, ChatMessage, GenerationParams, ModelError, StreamStats
+from .devices import describe_memory, pick_device, pick_dtype
+
+log = logging.getLogger(__name__)
+
+_END = object()
+END_OF_TURN_TOKENS = ("<|im_end|>",)
+
+
+class _CancelCriterion(StoppingCriteria):
+    """Checked after every token: the caller's /stop, or the consumer having gone away."""
+
+    def __init__(self, *flags: Cancel) -> None:
+        self.flags = flags
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:  # type: ignore[override]
+        stop = any(flag.is_set for flag in self.flags)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class IncrementalDecoder:
+    """Turns token ids into text deltas without re-decoding the whole answer each step and
+    without emitting half a UTF-8 character (byte-level tokens can split one)."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool, skip_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special_tokens
+        self.skip_ids = skip_ids
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_ids: list[int]) -> str:
+        self.ids.extend(t for t in token_ids if t not in self.skip_ids)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip_special)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip_special)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return full[len(prefix) :]
+        return ""
+
+
+class _AsyncStreamer:
+    """A transformers streamer whose `put` hands decoded deltas to an asyncio queue."""
+
+    def __init__(self, decoder: IncrementalDecoder, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        self.decoder = decoder
+        self.loop = loop
+        self.queue = queue
+        self.prompt_seen = False
+        self.tokens = 0
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        ids = value.reshape(-1).tolist()
+        self.tokens += len(ids)
+        delta = self.decoder.push(ids)
+        if delta:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+
+    def end(self) -> None:
+        pass
+
+
+class TransformersBackend:
+    """One loaded checkpoint. Thread-safe for concurrent `stream` calls."""
+
+    def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto", max_context_tokens: int = 8192) -> None:
+        self.path = path
+        self.name = path
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.max_context_tokens = max_context_tokens
+        self.tokenizer = None
+        self.model = None
+        self.context_window = max_context_tokens
+        self.last_worker: threading.Thread | None = None  # tests assert that it stopped
+
+    # -- loading -------------------------------------------------------------------------
+    def load(self) -> None:
+        started = time.perf_counter()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(self.path, trust_remote_code=True, torch_dtype=self.dtype)
+        self.model = model.to(self.device).eval()
+        limit = getattr(model.config, "max_position_embeddings", None) or self.max_context_tokens
+        self.context_window = min(self.max_context_tokens, int(limit))
+        self.eos_ids = self._end_of_turn_ids()
+        log.info(
+            "loaded %s on %s (%s) in %.1fs, %s",
+            self.path, self.device, str(self.dtype).removeprefix("torch."),
+            time.perf_counter() - started, describe_memory(self.model, self.device),
+        )
+
+    def _end_of_turn_ids(self) -> list[int]:
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        if configured is not None:
+            ids.update([configured] if isinstance(configured, int) else configured)
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+        return sorted(ids)
+
+    # -- prompting -----------------------------------------------------------------------
+    def encode(self, messages: list[ChatMessage]) -> list[int]:
+        return self.tokenizer.apply_chat_template(
+            [m.as_dict() for m in messages], add_generation_prompt=True, tokenize=True
+        )
+
+    def count_tokens(self, messages: list[ChatMessage]) -> int:
+        return len(self.encode(messages))
+
+    # -- generation ----------------------------------------------------------------------
+    async def stream(
+        self,
+        messages: list[ChatMessage],
+        *,
+        params: GenerationParams,
+        cancel: Cancel,
+        stats: StreamStats | None = None,
+        skip_special_tokens: bool = True,
+    ) -> AsyncIterator[str]:
+        if self.model is None:
+            raise ModelError(f"model {self.path} is not loaded")
+        input_ids = torch.tensor([self.encode(messages)], device=self.device)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        decoder = IncrementalDecoder(self.tokenizer, skip_special_tokens, set(self.eos_ids))
+        streamer = _AsyncStreamer(decoder, loop, queue)
+        finished = loop.create_future()
+        consumer_gone = Cancel()
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=params.max_new_tokens,
+            do_sample=not params.greedy,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.eos_ids[0],
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_CancelCriterion(cancel, consumer_gone)]),
+        )
+        if not params.greedy:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p)
+        else:  # silence "temperature is set but do_sample is False" from checkpoint defaults
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+
+        def work() -> None:
+            error: BaseException | None = None
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # reported to the consumer, never lost in the thread
+                error = exc
+            loop.call_soon_threadsafe(queue.put_nowait, error if error else _END)
+            loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+        worker = threading.Thread(target=work, name=f"generate:{self.path}", daemon=True)
+        self.last_worker = worker
+        worker.start()
+        text = ""
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    log.error("generation failed in %s: %r", self.path, item)
+                    raise ModelError(str(item)) from item
+                text += item
+                hit = _first_stop(text, params.stop)
+                if hit is not None:
+                    delta = item[: max(0, len(item) - (len(text) - hit))]
+                    if delta:
+                        yield delta
+                    break
+                yield item
+        finally:
+            # Runs on normal end, on a stop string, and when the consumer is cancelled:
+            # the model is free only once the worker has really returned.
+            consumer_gone.set()
+            await asyncio.shield(finished)
+            if stats is not None:
+                stats.prompt_tokens = int(input_ids.shape[1])
+                stats.completion_tokens = streamer.tokens
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
