@@ -13,6 +13,7 @@ import locale
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -92,50 +93,67 @@ class ConsoleAdapter:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
+        stop = stop or asyncio.Event()
         lines: asyncio.Queue[str | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read(lines))
+        # A daemon thread, not the default executor: a blocked readline must not delay exit.
+        threading.Thread(target=self._read, args=(loop, lines), name="console-stdin", daemon=True).start()
         if self.tty:
             self.err.write("InternLM console chat. /help lists the commands; Ctrl-C stops an answer; Ctrl-D quits.\n")
             try:
                 loop.add_signal_handler(signal.SIGINT, self._interrupt)
             except (NotImplementedError, RuntimeError):
                 pass
+        stopping = asyncio.create_task(stop.wait())
         try:
-            while True:
+            while not stop.is_set():
                 if self.tty:
                     self.out.write("> ")
                     self.out.flush()
-                line = await lines.get()
+                getting = asyncio.create_task(lines.get())
+                await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    break
+                line = getting.result()
                 if line is None:
                     break
                 if not line.strip():
                     continue
-                self._answering = asyncio.create_task(self.app.handle(self.incoming(line), ConsoleSurface(self.out, self.err, self.tty)))
+                surface = ConsoleSurface(self.out, self.err, self.tty)
+                self._answering = asyncio.create_task(self.app.handle(self.incoming(line), surface))
+                await asyncio.wait({self._answering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if stop.is_set():  # shutting down: stop the answer; it still prints its final text
+                    self.app.stop(self._session())
                 await self._answering
                 self._answering = None
         finally:
-            reader.cancel()
+            stopping.cancel()
             if self.tty:
                 try:
                     loop.remove_signal_handler(signal.SIGINT)
                 except (NotImplementedError, RuntimeError):
                     pass
 
-    async def _read(self, lines: asyncio.Queue) -> None:
-        """Read stdin on a thread; `/stop` acts at once, other lines queue in order."""
-        while True:
-            line = await asyncio.to_thread(self.stdin.readline)
-            if not line:
-                await lines.put(None)
-                return
-            line = line.rstrip("\n")
-            if line.strip() == "/stop" and self._answering is not None:
-                self.app.stop(self.app.session_key(self.incoming("")))
-                continue
-            await lines.put(line)
+    def _read(self, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue) -> None:
+        """Runs on the reader thread: `/stop` acts at once, other lines queue in order."""
+        try:
+            for line in iter(self.stdin.readline, ""):
+                loop.call_soon_threadsafe(self._on_line, line.rstrip("\n"), lines)
+            loop.call_soon_threadsafe(lines.put_nowait, None)
+        except (RuntimeError, ValueError):  # the loop or stdin closed first: nothing to deliver
+            pass
+
+    def _on_line(self, line: str, lines: asyncio.Queue) -> None:
+        if line.strip() == "/stop" and self._answering is not None:
+            self.app.stop(self._session())
+        else:
+            lines.put_nowait(line)
+
+    def _session(self) -> str:
+        return self.app.session_key(self.incoming(""))
 
     def _interrupt(self) -> None:
-        if self._answering is not None and self.app.stop(self.app.session_key(self.incoming(""))):
+        if self._answering is not None and self.app.stop(self._session()):
             return
         os.kill(os.getpid(), signal.SIGTERM)  # Ctrl-C at the prompt quits
 

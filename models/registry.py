@@ -40,16 +40,27 @@ class RoleSpec:
     def share_key(self) -> tuple:
         if self.backend == "openai":
             return ("openai", self.base_url, self.model)
-        return (self.backend, self.model, self.device, self.dtype)
+        return (self.backend, self.model, self.device, self.dtype, self.role == "vision")  # vision loads a VLM class
 
 
 def build_backend(spec: RoleSpec) -> ChatBackend:
     """Create (not load) the backend for a role; runs on a worker thread."""
+    if spec.backend == "openai":
+        from .openai_backend import OpenAIBackend
+
+        return OpenAIBackend.from_spec(spec)
     if spec.backend == "transformers":
         from .hub import resolve
         from .transformers_backend import TransformersBackend
 
         path = resolve(spec.model, hub=spec.hub, variable=spec.variable).path
+        if spec.role == "vision":
+            from .vision import load_vision_backend
+
+            return load_vision_backend(
+                path, model=spec.model, variable=spec.variable, device=spec.device, dtype=spec.dtype,
+                max_context_tokens=spec.max_context_tokens,
+            )
         backend = TransformersBackend(path, device=spec.device, dtype=spec.dtype, max_context_tokens=spec.max_context_tokens)
         backend.load()
         return backend
@@ -64,6 +75,8 @@ class ScheduledModel:
         self.factory = factory
         self.scheduler = FairScheduler(spec.max_concurrency)
         self.backend: ChatBackend | None = None
+        self.last_prompt: list[ChatMessage] = []  # for debugging, tests and benches
+        self.last_stats = StreamStats()
         self._load_lock = asyncio.Lock()
 
     async def ensure_loaded(self) -> ChatBackend:
@@ -108,6 +121,8 @@ class ScheduledModel:
             if cancel.is_set:
                 return
             prompt = messages(backend) if callable(messages) else messages
+            stats = stats if stats is not None else StreamStats()
+            self.last_prompt, self.last_stats = prompt, stats
             async with aclosing(backend.stream(prompt, params=params, cancel=cancel, stats=stats, **backend_options)) as deltas:
                 async for delta in deltas:
                     yield delta

@@ -7,7 +7,8 @@ import asyncio
 import logging
 import threading
 import time
-from typing import AsyncIterator
+from contextlib import aclosing
+from typing import AsyncIterator, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
@@ -142,65 +143,105 @@ class TransformersBackend:
         if self.model is None:
             raise ModelError(f"model {self.path} is not loaded")
         input_ids = torch.tensor([self.encode(messages)], device=self.device)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        decoder = IncrementalDecoder(self.tokenizer, skip_special_tokens, set(self.eos_ids))
-        streamer = _AsyncStreamer(decoder, loop, queue)
-        finished = loop.create_future()
-        consumer_gone = Cancel()
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=params.max_new_tokens,
-            do_sample=not params.greedy,
             eos_token_id=self.eos_ids,
             pad_token_id=self.eos_ids[0],
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_CancelCriterion(cancel, consumer_gone)]),
+            **sampling_kwargs(params),
         )
-        if not params.greedy:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p)
-        else:  # silence "temperature is set but do_sample is False" from checkpoint defaults
-            kwargs.update(temperature=None, top_p=None, top_k=None)
 
-        def work() -> None:
-            error: BaseException | None = None
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            except BaseException as exc:  # reported to the consumer, never lost in the thread
-                error = exc
-            loop.call_soon_threadsafe(queue.put_nowait, error if error else _END)
-            loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+        def generate(bridge: dict) -> None:
+            self.model.generate(**kwargs, **bridge)
 
-        worker = threading.Thread(target=work, name=f"generate:{self.path}", daemon=True)
+        deltas = stream_from_thread(
+            generate, tokenizer=self.tokenizer, eos_ids=self.eos_ids, params=params, cancel=cancel, stats=stats,
+            prompt_tokens=int(input_ids.shape[1]), name=self.path, skip_special_tokens=skip_special_tokens,
+            on_worker=self._started,
+        )
+        async with aclosing(deltas):
+            async for delta in deltas:
+                yield delta
+
+    def _started(self, worker: threading.Thread) -> None:
         self.last_worker = worker
-        worker.start()
-        text = ""
+
+
+def sampling_kwargs(params: GenerationParams) -> dict:
+    """`generate` arguments for the length and sampling of `params`."""
+    kwargs: dict = dict(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy)
+    if not params.greedy:
+        kwargs.update(temperature=params.temperature, top_p=params.top_p)
+    else:  # silence "temperature is set but do_sample is False" from checkpoint defaults
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+async def stream_from_thread(
+    generate: Callable[[dict], object],
+    *,
+    tokenizer,
+    eos_ids: list[int],
+    params: GenerationParams,
+    cancel: Cancel,
+    stats: StreamStats | None,
+    prompt_tokens: int,
+    name: str,
+    skip_special_tokens: bool = True,
+    on_worker: Callable[[threading.Thread], None] | None = None,
+) -> AsyncIterator[str]:
+    """Run `generate(bridge)` on a worker thread and yield its text deltas.
+
+    `generate` must pass `bridge` (a `streamer` and `stopping_criteria`) on to the model's
+    `generate`; any backend whose generation takes those (plain causal LMs, LLaVA-style VLMs,
+    XComposer2's remote `chat`) shares this cancellation and stop-string handling."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    decoder = IncrementalDecoder(tokenizer, skip_special_tokens, set(eos_ids))
+    streamer = _AsyncStreamer(decoder, loop, queue)
+    finished = loop.create_future()
+    consumer_gone = Cancel()
+    bridge = dict(streamer=streamer, stopping_criteria=StoppingCriteriaList([_CancelCriterion(cancel, consumer_gone)]))
+
+    def work() -> None:
+        error: BaseException | None = None
         try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    break
-                if isinstance(item, BaseException):
-                    log.error("generation failed in %s: %r", self.path, item)
-                    raise ModelError(str(item)) from item
-                text += item
-                hit = _first_stop(text, params.stop)
-                if hit is not None:
-                    delta = item[: max(0, len(item) - (len(text) - hit))]
-                    if delta:
-                        yield delta
-                    break
-                yield item
-        finally:
-            # Runs on normal end, on a stop string, and when the consumer is cancelled:
-            # the model is free only once the worker has really returned.
-            consumer_gone.set()
-            await asyncio.shield(finished)
-            if stats is not None:
-                stats.prompt_tokens = int(input_ids.shape[1])
-                stats.completion_tokens = streamer.tokens
+            with torch.inference_mode():
+                generate(bridge)
+        except BaseException as exc:  # reported to the consumer, never lost in the thread
+            error = exc
+        loop.call_soon_threadsafe(queue.put_nowait, error if error else _END)
+        loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+    worker = threading.Thread(target=work, name=f"generate:{name}", daemon=True)
+    if on_worker is not None:
+        on_worker(worker)
+    worker.start()
+    text = ""
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                log.error("generation failed in %s: %r", name, item)
+                raise ModelError(str(item)) from item
+            text += item
+            hit = _first_stop(text, params.stop)
+            if hit is not None:
+                delta = item[: max(0, len(item) - (len(text) - hit))]
+                if delta:
+                    yield delta
+                break
+            yield item
+    finally:
+        # Runs on normal end, on a stop string, and when the consumer is cancelled:
+        # the model is free only once the worker has really returned.
+        consumer_gone.set()
+        await asyncio.shield(finished)
+        if stats is not None:
+            stats.prompt_tokens = prompt_tokens
+            stats.completion_tokens = streamer.tokens
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
