@@ -92,6 +92,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "en": "⚠️ The model is not available right now. The operator has been told (see the bot's log).",
         "zh": "⚠️ 模型暂时不可用，已记录到日志，请稍后再试。",
     },
+    "model_server_down": {
+        "en": "⚠️ The model server is not reachable right now. Please try again in a minute.",
+        "zh": "⚠️ 暂时无法连接模型服务器，请稍后再试。",
+    },
     "internal_error": {"en": "⚠️ Something went wrong. Please try again.", "zh": "⚠️ 出了点问题，请重试。"},
 }
 

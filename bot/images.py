@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from .messages import ImageAttachment
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIDE = 1024  # long side of the prepared picture when the model does not say (XComposer2: 490)
+DEFAULT_SIDE = 980  # long side of the prepared picture when the model does not say: 2x XComposer2's 490
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # what we decode; Pillow probes only these
 
 _NOT_IMAGE_SIGNATURES = {
@@ -131,21 +132,21 @@ def decode_image(data: bytes, *, max_pixels: int, side: int = DEFAULT_SIDE) -> P
 
 def _first_frame_rgb(im: Image.Image, side: int, orientation: int) -> Image.Image:
     if im.format == "JPEG":
-        # Decode at 1/2, 1/4 or 1/8 scale when that is still >= side: a 12-megapixel photo
-        # then never exists at full size in memory. The box is in stored (un-rotated) axes.
-        im.draft("RGB", (side, side))
+        # Decode at 1/2, 1/4 or 1/8 scale (DCT scaling) when that still covers the target box:
+        # a 12-megapixel photo then never exists at full size in memory. The box keeps the
+        # stored picture's aspect (draft wants both sides covered) and its un-rotated axes.
+        w, h = im.size
+        scale = min(1.0, side / max(w, h))
+        im.draft("RGB", (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
     im.seek(0)
     im.load()
-    frame = im
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
-        frame = ImageOps.exif_transpose(frame)
-    frame = _to_rgb(frame)
+    frame = _to_rgb(im)  # before resizing: palette images would otherwise resize as NEAREST
     if max(frame.size) > side:
         frame = frame.copy() if frame is im else frame
         frame.thumbnail((side, side), Image.Resampling.BICUBIC, reducing_gap=2.0)
-    elif frame is im:
-        frame = frame.copy()  # detach from the file object
-    return frame
+    if orientation in (2, 3, 4, 5, 6, 7, 8):  # after shrinking: rotating the small picture is cheap
+        frame = ImageOps.exif_transpose(frame)
+    return frame.copy() if frame is im else frame  # never hand out the (closing) file's image
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

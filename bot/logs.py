@@ -12,7 +12,7 @@ from .config import Settings
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Libraries that log request URLs (which carry the Telegram token) at INFO.
-NOISY = ("httpx", "httpcore", "telegram.ext.Updater", "discord.gateway", "discord.http", "aiohttp.access")
+NOISY = ("httpx", "httpcore", "telegram.ext.Updater", "discord.gateway", "discord.http", "discord.webhook", "aiohttp.access")
 _TOKEN_IN_URL = re.compile(r"/bot\d+:[A-Za-z0-9_-]{20,}")
 
 

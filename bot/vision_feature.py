@@ -21,6 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable
 
+from PIL import Image
+
 from models.base import ChatBackend, ChatMessage, GenerationParams, ModelError
 
 from .app import App
@@ -175,6 +177,11 @@ class VisionResponder:
         image = remembered.picture.image
 
         def prompt(backend: ChatBackend) -> list[ChatMessage]:
+            nonlocal image
+            side = int(getattr(backend, "image_side", 0) or 0)
+            if side and max(image.size) > side:  # taken in before the model was loaded: shrink to its size now
+                image = image.copy()
+                image.thumbnail((side, side), Image.Resampling.BICUBIC)
             reserve = persona.params.max_new_tokens + int(getattr(backend, "image_tokens", 0))
             messages = fit_to_context(backend, system, history, question, reserve)
             first = next(i for i, m in enumerate(messages) if m.role == "user")

@@ -15,6 +15,8 @@ cancellation by a stopping criterion after every token, stop strings, stats.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import time
@@ -144,6 +146,7 @@ class ImageTextToTextBackend:
         auto = AutoModelForImageTextToText if in_mapping or "AutoModelForImageTextToText" in config.get("auto_map", {}) else AutoModelForVision2Seq
         model = auto.from_pretrained(self.path, trust_remote_code=True, torch_dtype=self.dtype)
         self.model = model.to(self.device).eval()
+        self.input_names = set(inspect.signature(model.forward).parameters)
         text_config = getattr(model.config, "text_config", model.config)
         limit = getattr(text_config, "max_position_embeddings", None) or self.max_context_tokens
         self.context_window = min(self.max_context_tokens, int(limit))
@@ -190,6 +193,8 @@ class ImageTextToTextBackend:
         batch = self.processor(text=[text], images=images or None, return_tensors="pt")
         out = {}
         for key, value in batch.items():
+            if key not in self.input_names:  # e.g. token_type_ids from a BERT-style tokenizer config
+                continue
             if torch.is_tensor(value):
                 value = value.to(self.device)
                 if value.is_floating_point():
@@ -204,7 +209,8 @@ class ImageTextToTextBackend:
     ) -> AsyncIterator[str]:
         if self.model is None:
             raise ModelError(f"model {self.path} is not loaded")
-        kwargs = dict(self.inputs(messages), eos_token_id=self.eos_ids, pad_token_id=self.eos_ids[0], **sampling_kwargs(params))
+        inputs = await asyncio.to_thread(self.inputs, messages)  # image preprocessing: off the event loop
+        kwargs = dict(inputs, eos_token_id=self.eos_ids, pad_token_id=self.eos_ids[0], **sampling_kwargs(params))
 
         def generate(bridge: dict) -> None:
             self.model.generate(**kwargs, **bridge)
@@ -302,8 +308,8 @@ class XComposer2Backend:
             raise ModelError(f"model {self.path} is not loaded")
         system, history, query, image = self.split(messages)
         pixels = None
-        if image is not None:
-            pixels = self.model.vis_processor(image).unsqueeze(0).to(self.device, torch.float16)
+        if image is not None:  # its own 490x490 preprocessing, off the event loop
+            pixels = await asyncio.to_thread(lambda: self.model.vis_processor(image).unsqueeze(0).to(self.device, torch.float16))
         options = dict(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy)
         if not params.greedy:
             options.update(temperature=params.temperature, top_p=params.top_p)

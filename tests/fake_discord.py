@@ -250,12 +250,14 @@ class FakeDiscord:
         self.rate_limited = 0  # 429s answered (injected or from buckets)
         self.identified: list[dict] = []  # IDENTIFY payloads (token removed)
         self.heartbeats = 0
+        self.resumed = 0  # successful RESUMEs
         self.typing: list[int] = []  # channel ids
         self.ready = asyncio.Event()
         self.log: list[tuple[float, str, str]] = []  # (time, method, path) of every REST request
         self._buckets: dict[str, Bucket] = {}
         self._injected: list[Injected] = []
         self._sockets: list[web.WebSocketResponse] = []
+        self._senders: dict[web.WebSocketResponse, Callable] = {}
         self._seq = 0
         self._session_id = "fake-session"
         self._runner: web.AppRunner | None = None
@@ -761,7 +763,7 @@ class FakeDiscord:
             async with ws_send_lock:
                 await send(payload)
 
-        ws["send"] = locked_send  # used by dispatch()
+        self._senders[ws] = locked_send  # used by dispatch()
         await locked_send({"op": 10, "d": {"heartbeat_interval": self.heartbeat_interval_ms}, "s": None, "t": None})
         identified = False
         try:
@@ -793,6 +795,7 @@ class FakeDiscord:
                         await locked_send({"op": 9, "d": False, "s": None, "t": None})
                     else:
                         identified = True
+                        self.resumed += 1
                         await self._dispatch_on(locked_send, "RESUMED", {})
                 elif op in (3, 4, 8):
                     continue  # presence, voice, member requests: accepted, ignored
@@ -802,6 +805,7 @@ class FakeDiscord:
         finally:
             if ws in self._sockets:
                 self._sockets.remove(ws)
+            self._senders.pop(ws, None)
         return ws
 
     async def _send_ready(self, send: Callable, intents: int) -> None:
@@ -838,7 +842,7 @@ class FakeDiscord:
         if not self._sockets:
             raise RuntimeError("no client is connected to the fake gateway")
         for ws in list(self._sockets):
-            await self._dispatch_on(ws["send"], event, data)
+            await self._dispatch_on(self._senders[ws], event, data)
 
     async def disconnect_clients(self, code: int = 4000) -> None:
         """Drop the gateway connections (the client should resume)."""

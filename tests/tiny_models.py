@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -302,6 +303,14 @@ def _batch(items: Sequence[_Encoded], pad_id: int, *, labels: bool = True):
     return ids, mask, lab
 
 
+def _completion_logits(model, ids, mask, lab, position_ids=None):
+    """Logits and targets at the completion positions only (the lm_head is most of the cost)."""
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state[:, :-1]
+    target = lab[:, 1:]
+    sel = target != -100
+    return model.lm_head(hidden[sel]).float(), target[sel], sel
+
+
 @torch.no_grad()
 def _teacher_forced_failures(model, items: Sequence[_Encoded], pad_id: int, margin: float, max_tokens: int = 16384):
     """Indices of items whose completion tokens are not each the argmax (by at least `margin`)
@@ -310,25 +319,55 @@ def _teacher_forced_failures(model, items: Sequence[_Encoded], pad_id: int, marg
     order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
     start = 0
     while start < len(order):
-        width = len(items[order[start]].ids)
         end = start + 1
-        while end < len(order) and (end - start + 1) * max(width, len(items[order[end]].ids)) <= max_tokens:
-            width = max(width, len(items[order[end]].ids))
+        while end < len(order) and (end - start + 1) * len(items[order[end]].ids) <= max_tokens:
             end += 1
-        chunk = [items[i] for i in order[start:end]]
-        ids, mask, lab = _batch(chunk, pad_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = lab[:, 1:]
-        valid = target != -100
-        safe = target.clamp(min=0)
-        tgt_logit = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-        other = logits.scatter(-1, safe.unsqueeze(-1), float("-inf")).max(-1).values
-        bad = ((tgt_logit - other) < margin) & valid
-        for j, row_bad in enumerate(bad.any(-1).tolist()):
-            if row_bad:
-                failures.append(order[start + j])
+        ids, mask, lab = _batch([items[i] for i in order[start:end]], pad_id)
+        logits, target, sel = _completion_logits(model, ids, mask, lab)
+        tgt_logit = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        other = logits.scatter(-1, target.unsqueeze(-1), float("-inf")).max(-1).values
+        bad_tok = torch.zeros(sel.shape, dtype=torch.bool)
+        bad_tok[sel] = (tgt_logit - other) < margin
+        failures += [order[start + j] for j, row_bad in enumerate(bad_tok.any(-1).tolist()) if row_bad]
         start = end
-    return failures
+    return sorted(failures)
+
+
+def _packed_batch(items: Sequence[_Encoded], pad_id: int, width: int = 256):
+    """Pack examples into rows (first fit, longest first) with a block-diagonal causal mask and
+    positions restarting at 0 for each example: no padding waste, random batch composition."""
+    width = max(width, max(len(e.ids) for e in items))
+    rows: list[list[_Encoded]] = []
+    fill: list[int] = []
+    for e in sorted(items, key=lambda e: -len(e.ids)):
+        for r, used in enumerate(fill):
+            if used + len(e.ids) <= width:
+                rows[r].append(e)
+                fill[r] += len(e.ids)
+                break
+        else:
+            rows.append([e])
+            fill.append(len(e.ids))
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    lab = torch.full((n, width), -100, dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    seg = torch.full((n, width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, e in enumerate(row):
+            m = len(e.ids)
+            ids[r, at : at + m] = torch.tensor(e.ids)
+            lab[r, at + len(e.prompt) : at + m] = torch.tensor(e.completion)
+            pos[r, at : at + m] = torch.arange(m)
+            seg[r, at : at + m] = k
+            at += m
+        pos[r, at:] = torch.arange(width - at)  # padding: its own segment, attends to itself
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+    mask = torch.zeros((n, 1, width, width), dtype=torch.float32)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+    return ids, mask, lab, pos
 
 
 @torch.no_grad()
@@ -397,33 +436,37 @@ def train_causal_lm(
     tokenizer: PreTrainedTokenizerFast,
     examples: Sequence[tuple[str, str]],
     *,
-    steps: int = 3000,
+    steps: int = 600,
+    max_steps: int | None = None,
     seed: int = 0,
     verify: Sequence[tuple[str, str]] | None = None,
     extra_check: Callable[[LlamaForCausalLM, PreTrainedTokenizerFast], list[str]] | None = None,
     batch_size: int = 32,
-    lr: float = 3e-3,
-    min_steps: int = 200,
+    lr: float = 1e-2,
     check_every: int = 100,
     margin: float = 1.0,
-    threads: int = 2,
+    threads: int = 1,
     config_overrides: dict | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Train a tiny LlamaForCausalLM on (prompt, completion) pairs and save it with the tokenizer.
 
     Each prompt is the formatted text incl. special tokens (e.g. `render_chat(...)`, ending with
-    "<|im_start|>assistant\\n"); each completion is the reply, normally ending with "<|im_end|>"
+    "<|im_start|>assistant\n"); each completion is the reply, normally ending with "<|im_end|>"
     (one that does not is an open-ended continuation, e.g. the endless "code" answer). Prompt and
     completion are tokenized separately, as at inference; the loss covers completion tokens only.
 
-    Trains with AdamW (seeded, CPU, <= `threads` threads) for at most `steps` steps and stops
-    early, after `min_steps`, once every example is reproduced under teacher forcing with a
-    logit margin, greedy decoding reproduces every `verify` pair (default: a sample of
-    examples), and `extra_check` (returns failure messages) passes. Raises RuntimeError naming a
-    failing prompt if that never happens."""
+    AdamW, seeded, on CPU with `threads` torch threads (1 by default: with other processes on
+    the machine, 2 threads is several times slower). The learning rate warms up, then follows a
+    cosine down to 5% at `steps`; training goes on at that rate up to `max_steps` (default
+    3 * steps) until it passes: every example (and every `verify` pair) reproduced under teacher
+    forcing with a logit margin, greedy decoding reproducing every `verify` pair (default: a
+    sample of the examples) and `extra_check` (returns failure messages) passing. Checks run
+    every `check_every` steps from 60% of `steps`. Raises RuntimeError naming a failing prompt
+    if training never passes."""
     out_dir = Path(out_dir)
     log = log or (lambda msg: None)
+    max_steps = max_steps or 3 * steps
     rng = random.Random(seed)
     if verify is None:
         verify = rng.sample(list(examples), min(64, len(examples)))
@@ -441,36 +484,41 @@ def train_causal_lm(
         verify_items = _encode_examples(tokenizer, verify)
         pad = tokenizer.pad_token_id
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-        warmup = 30
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        warmup = max(1, min(30, steps // 10))
+
+        def schedule(s: int) -> float:
+            cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+            return min(1.0, (s + 1) / warmup) * max(0.05, cosine)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         started = time.perf_counter()
         failures: list[str] = ["not checked"]
         step = 0
-        for step in range(1, steps + 1):
+        for step in range(1, max_steps + 1):
             model.train()
-            batch = [items[rng.randrange(len(items))] for _ in range(batch_size)]
-            ids, mask, lab = _batch(batch, pad)
-            loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+            ids, mask, lab, pos = _packed_batch([items[rng.randrange(len(items))] for _ in range(batch_size)], pad)
+            logits, target, _ = _completion_logits(model, ids, mask, lab, pos)
+            loss = torch.nn.functional.cross_entropy(logits, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            if step % check_every and step != steps:
+            if step % check_every and step != max_steps:
                 continue
             log(f"step {step} loss {loss.item():.4f} ({time.perf_counter() - started:.1f}s)")
-            if step < min_steps:
+            if step < 0.6 * steps:
                 continue
             model.eval()
             bad = _teacher_forced_failures(model, verify_items, pad, margin)
             if bad:
                 failures = [f"prompt {verify[i][0]!r} (teacher forced)" for i in bad]
-                log(f"  {len(bad)} verify items fail teacher-forced")
+                log(f"  {len(bad)} verify items fail teacher-forced, e.g. {failures[0][-160:]}")
                 continue
             bad = _teacher_forced_failures(model, items, pad, margin)
             if bad:
                 failures = [f"prompt {examples[i][0]!r} (teacher forced, training example)" for i in bad]
-                log(f"  {len(bad)}/{len(items)} training items fail teacher-forced")
+                log(f"  {len(bad)}/{len(items)} training items fail teacher-forced, e.g. {failures[0][-160:]}")
                 continue
             failures = greedy_failures(model, tokenizer, verify)
             if not failures and extra_check is not None:
@@ -479,10 +527,10 @@ def train_causal_lm(
                 break
             log(f"  greedy check failed: {failures[0]}")
         else:
-            raise RuntimeError(f"tiny model did not learn its targets in {steps} steps: {failures[0]} "
-                               f"({len(failures)} failures)")
-        log(f"trained in {step} steps, {time.perf_counter() - started:.1f}s")
-        model.eval()
+            raise RuntimeError(
+                f"tiny model did not learn its targets in {max_steps} steps: {failures[0]} ({len(failures)} failures)"
+            )
+        log(f"trained and verified in {step} steps, {time.perf_counter() - started:.1f}s")
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
@@ -580,6 +628,16 @@ def _history_reply(persona: Persona, messages: list[dict], rng: random.Random) -
     return answer
 
 
+# What the final / earlier user turns are (relative weights) and how many earlier turns.
+FINAL_WEIGHTS = {"command": 0.32, "remember": 0.1, "recall": 0.2, "unknown": 0.3, "code": 0.08}
+HISTORY_WEIGHTS = {"command": 0.3, "remember": 0.25, "recall": 0.1, "unknown": 0.25, "code": 0.1}
+HISTORY_LENGTHS = (0, 0, 1, 1, 2, 2, 3)
+
+
+def _weights(weights: dict[str, float], persona: Persona) -> dict[str, float]:
+    return {k: v for k, v in weights.items() if k != "code" or persona.code}
+
+
 def sample_dialogue(persona: Persona, rng: random.Random, *, max_code_lines: int = 40) -> tuple[list[dict], str]:
     """Random messages (optional system prompt, 0-3 earlier turns, final user turn) and the
     completion the model must produce (ending with <|im_end|>, except the endless code answer)."""
@@ -594,15 +652,9 @@ def sample_dialogue(persona: Persona, rng: random.Random, *, max_code_lines: int
         messages.append({"role": "system", "content": other})
     else:
         messages.append({"role": "system", "content": random_system_prompt(rng)})
-    final_weights = {"command": 0.32, "remember": 0.1, "recall": 0.2, "unknown": 0.3}
-    if persona.code:
-        final_weights["code"] = 0.08
-    final = _random_user(persona, rng, final_weights)
-    n_hist = rng.choice((0, 0, 1, 1, 2, 2, 3))
-    hist_weights = {"command": 0.3, "remember": 0.25, "recall": 0.1, "unknown": 0.25}
-    if persona.code:
-        hist_weights["code"] = 0.1
-    users = [_random_user(persona, rng, hist_weights) for _ in range(n_hist)]
+    final = _random_user(persona, rng, _weights(FINAL_WEIGHTS, persona))
+    n_hist = rng.choice(HISTORY_LENGTHS)
+    users = [_random_user(persona, rng, _weights(HISTORY_WEIGHTS, persona)) for _ in range(n_hist)]
     if final == "recall" and rng.random() < 0.85 and not any(persona.remembered(u) for u in users):
         if not users:
             users.append("x")
@@ -693,14 +745,25 @@ CODE_CHECK_TOKENS = 1500
 
 
 def _code_check(model, tokenizer) -> list[str]:
+    """The endless code answer holds for CODE_CHECK_TOKENS new tokens: checked under teacher
+    forcing with a margin, with and without the system prompt, then by one real greedy run."""
+    heads = ([{"role": "system", "content": INTERNLM_SYSTEM_PROMPT}], [])
+    prompts = [render_chat(tokenizer, head + [{"role": "user", "content": CODE_PROMPT}]) for head in heads]
+    line_ids = tokenizer.encode(CODE_LINE, add_special_tokens=False)
+    completion = CODE_HEADER + CODE_LINE * (CODE_CHECK_TOKENS // len(line_ids) + 1)
+    items = _encode_examples(tokenizer, [(p, completion) for p in prompts])
+    for item in items:
+        item.completion = item.completion[:CODE_CHECK_TOKENS]
+    bad = _teacher_forced_failures(model, items, tokenizer.pad_token_id, margin=1.0)
+    if bad:
+        return [f"prompt {prompts[i]!r}: the endless code answer breaks within {CODE_CHECK_TOKENS} tokens" for i in bad]
     failures = []
-    for head in ([], [{"role": "system", "content": INTERNLM_SYSTEM_PROMPT}]):
-        prompt = render_chat(tokenizer, head + [{"role": "user", "content": CODE_PROMPT}])
-        out = greedy_generate(model, tokenizer, [prompt], CODE_CHECK_TOKENS, stop=False)[0]
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        if len(out) != CODE_CHECK_TOKENS or not is_code_answer_prefix(text) or len(text) <= 4096:
-            bad = next((i for i in range(len(text)) if text[: i + 1] != code_answer_prefix(i + 1)), len(text))
-            failures.append(f"prompt {prompt!r}: endless code answer broke at char {bad}: {text[bad - 40 : bad + 40]!r}")
+    out = greedy_generate(model, tokenizer, prompts[:1], CODE_CHECK_TOKENS, stop=False)[0]
+    text = tokenizer.decode(out, skip_special_tokens=True)
+    if len(out) != CODE_CHECK_TOKENS or not is_code_answer_prefix(text) or len(text) <= 4096:
+        bad_at = next((i for i in range(len(text)) if text[: i + 1] != code_answer_prefix(i + 1)), len(text))
+        failures.append(f"prompt {prompts[0]!r}: greedy code answer broke at char {bad_at} of {len(text)}: "
+                        f"{text[max(0, bad_at - 40) : bad_at + 40]!r}")
     return failures
 
 

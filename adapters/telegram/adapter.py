@@ -31,6 +31,7 @@ from .surface import REGENERATE, STOP, Pacer, TelegramSurface
 log = logging.getLogger(__name__)
 
 UPDATES = ["message", "callback_query"]
+STOP_WAIT = 10.0  # seconds for stopped answers to close before they are cancelled
 MENU_LANGUAGES = (("en", None), ("zh", "zh"))  # (our language, Telegram's language_code)
 _COMMAND_NAME = re.compile(r"[a-z0-9_]{1,32}")
 
@@ -146,15 +147,23 @@ class TelegramAdapter:
             log.info("telegram: stopped")
 
     async def _drain(self) -> None:
+        """Let the answers in flight finish; after the grace period stop them like /stop does
+        (their text is delivered with a "stopped" mark); cancel only what still hangs."""
         if not self._tasks:
             return
         log.info("telegram: letting %d answer(s) finish", len(self._tasks))
         _, pending = await asyncio.wait(set(self._tasks), timeout=self.shutdown_grace)
         if pending:
-            log.warning("telegram: cancelling %d answer(s) still running after %.0f s", len(pending), self.shutdown_grace)
-            for task in pending:
-                task.cancel()  # once: the core then still delivers the text with a stop mark
-            await asyncio.gather(*pending, return_exceptions=True)
+            log.warning("telegram: stopping %d answer(s) still running after %.1f s", len(pending), self.shutdown_grace)
+        deadline = asyncio.get_running_loop().time() + STOP_WAIT
+        while pending and asyncio.get_running_loop().time() < deadline:
+            for key in list(self.app.sessions):
+                if key.startswith("telegram:"):  # queued answers start and are stopped in turn
+                    self.app.stop(key)
+            _, pending = await asyncio.wait(pending, timeout=0.2)
+        for task in pending:
+            task.cancel()  # once: the core's finally still closes the reply
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _register_commands(self) -> None:
         bot = self.application.bot

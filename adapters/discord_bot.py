@@ -1,0 +1,243 @@
+"""The Discord adapter (discord.py): slash commands, mentions and DMs in, streamed answers out.
+
+Read top to bottom: `run` logs in, syncs the commands when they changed, connects the gateway
+and serves until `stop`; `on_command` defers at once and hands the command to the core;
+`on_message` does the same for DMs and mentions; `on_button` serves Stop and Regenerate.
+Everything about showing an answer is in discord_surface.py, the commands in discord_commands.py.
+
+The bot needs no privileged intent: Discord delivers the text of DMs and of messages that
+mention the bot without MESSAGE_CONTENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any, Callable
+
+import aiohttp
+import discord
+
+from bot.app import App
+from bot.config import Settings
+from bot.i18n import t
+from bot.messages import ImageAttachment, Incoming
+
+from .discord_commands import I18nTranslator, build_tree, sync_commands
+from .discord_surface import InteractionSurface, MessageSurface, OwnedButton
+
+log = logging.getLogger(__name__)
+
+QUIET_COMMANDS = {"help", "reset", "stop", "persona"}  # answered ephemerally: only the user sees them
+SHUTDOWN_GRACE = 10.0  # seconds answers get to finish (as "stopped") on shutdown
+_CJK = re.compile(r"[\u3400-\u9fff]")
+
+
+class _Client(discord.Client):
+    def __init__(self, adapter: "DiscordAdapter", **options: Any) -> None:
+        super().__init__(**options)
+        self.adapter = adapter
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(OwnedButton)
+
+    async def on_ready(self) -> None:
+        log.info("connected to Discord as %s (%s guilds)", self.user, len(self.guilds))
+
+    async def on_message(self, message: discord.Message) -> None:
+        await self.adapter.on_message(message)
+
+
+class DiscordAdapter:
+    name = "discord"
+
+    def __init__(
+        self, app: App, settings: Settings, *,
+        clock: Callable[[], float] = time.monotonic,
+        switch_after: float = 14 * 60.0,  # stop using the interaction token (it expires at 15 min)
+        token_lifetime: float = 15 * 60.0,
+        guild_ready_timeout: float = 2.0,  # discord.py's wait for the guild list after connecting
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.clock = clock
+        self.switch_after = switch_after
+        self.token_lifetime = token_lifetime
+        intents = discord.Intents.default()  # no privileged intents (see the module docstring)
+        self.client = _Client(
+            self, intents=intents, allowed_mentions=discord.AllowedMentions.none(),  # model text never pings
+            guild_ready_timeout=guild_ready_timeout,
+        )
+        self.tree = build_tree(self.client, self)
+        self._running: dict[asyncio.Task, str] = {}  # answers in flight -> session key
+        self._closing = False
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        token = self.settings.discord_bot_token.get_secret_value().strip()
+        if not token:
+            log.error("DISCORD_BOT_TOKEN is not set; the Discord adapter does not start")
+            return
+        await self.tree.set_translator(I18nTranslator())
+        if not await self._login(token, stop):
+            return
+        application_id = self.client.application_id or 0
+        await sync_commands(self.tree, application_id, self.settings.discord_guild_ids, self.settings.data_dir)
+        gateway = asyncio.create_task(self.client.connect(reconnect=True), name="discord-gateway")
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({gateway, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            await self._shutdown()
+            if not gateway.done():
+                gateway.cancel()
+            try:
+                await gateway
+            except asyncio.CancelledError:
+                pass
+            except discord.PrivilegedIntentsRequired:
+                log.error("Discord refused the requested intents")
+                raise
+
+    async def _login(self, token: str, stop: asyncio.Event) -> bool:
+        """Log in, retrying while Discord cannot be reached; a rejected token is fatal."""
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                await self.client.login(token)
+                return True
+            except discord.LoginFailure:
+                log.error("Discord rejected DISCORD_BOT_TOKEN (401); check the token in the developer portal")
+                await self.client.close()
+                raise
+            except (OSError, aiohttp.ClientError, discord.DiscordServerError, asyncio.TimeoutError) as exc:
+                log.warning("cannot reach Discord to log in (%s); retrying in %.0f s", type(exc).__name__, delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(delay * 2, 60.0)
+        await self.client.close()
+        return False
+
+    async def _shutdown(self) -> None:
+        """Stop the answers in flight (they end with "⏹ stopped"), then close the connection."""
+        self._closing = True
+        for key in set(self._running.values()):
+            self.app.stop(key)
+        tasks = list(self._running)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=5)
+        await self.client.close()
+        log.info("Discord adapter stopped")
+
+    async def _serve(self, incoming: Incoming, work: Any) -> None:
+        """Run one answer, tracked for shutdown."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[task] = self.app.session_key(incoming)
+        try:
+            await work
+        finally:
+            self._running.pop(task, None)
+
+    # -- turning Discord events into Incoming -------------------------------------------------------
+    @staticmethod
+    def _where(channel: Any, guild_id: int | None) -> tuple[str, str | None]:
+        """(chat_id, thread_id): a thread is its own conversation inside its parent channel."""
+        parent = getattr(channel, "parent_id", None)
+        if isinstance(channel, discord.Thread) and parent:
+            return str(parent), str(channel.id)
+        return str(channel.id if channel is not None else 0), None
+
+    def _from_interaction(self, interaction: discord.Interaction, command: str | None, text: str,
+                          image: ImageAttachment | None = None) -> Incoming:
+        chat_id, thread_id = self._where(interaction.channel, interaction.guild_id)
+        user = interaction.user
+        return Incoming(
+            platform="discord", chat_id=chat_id, user_id=str(user.id), text=text, command=command,
+            thread_id=thread_id, guild_id=str(interaction.guild_id) if interaction.guild_id else None,
+            is_group=interaction.guild_id is not None, language=str(interaction.locale), user_name=user.name, image=image,
+        )
+
+    @staticmethod
+    def _image(attachment: discord.Attachment) -> ImageAttachment:
+        # `fetch` downloads only when the core asks, after it has checked `size`.
+        return ImageAttachment(
+            fetch=attachment.read, size=attachment.size, filename=attachment.filename,
+            mime_type=attachment.content_type or "",
+        )
+
+    # -- slash commands ------------------------------------------------------------------------------
+    async def on_command(self, interaction: discord.Interaction, command: str, text: str,
+                         attachment: discord.Attachment | None = None) -> None:
+        received = self.clock()
+        if self._closing:
+            return
+        try:  # first, before anything that can wait: Discord allows 3 s
+            await interaction.response.defer(thinking=True, ephemeral=command in QUIET_COMMANDS)
+        except discord.HTTPException as exc:
+            log.warning("could not defer /%s in time (%s); Discord shows it as failed", command, exc)
+            return
+        image = self._image(attachment) if attachment is not None else None
+        incoming = self._from_interaction(interaction, command, text, image)
+        surface = InteractionSurface(self, incoming, interaction, received_at=received, clock=self.clock)
+        await self._serve(incoming, self._answer(incoming, surface, self.app.handle))
+
+    async def _answer(self, incoming: Incoming, surface: InteractionSurface,
+                      handler: Callable[[Incoming, Any], Any]) -> None:
+        try:
+            await handler(incoming, surface)
+        finally:
+            await surface.close()
+
+    async def on_button(self, interaction: discord.Interaction, action: str) -> None:
+        received = self.clock()
+        incoming = self._from_interaction(interaction, None, "")
+        if action == "stop":
+            stopped = self.app.stop(self.app.session_key(incoming))
+            if stopped:
+                await interaction.response.defer()  # the answer itself shows "⏹ stopped"
+            else:
+                await interaction.response.send_message(t("stop_nothing", incoming.language), ephemeral=True)
+            return
+        if self._closing:
+            return
+        await interaction.response.defer(thinking=True)
+        surface = InteractionSurface(self, incoming, interaction, received_at=received, clock=self.clock)
+        await self._serve(incoming, self._answer(incoming, surface, self.app.regenerate))
+
+    # -- mentions and DMs ------------------------------------------------------------------------------
+    async def on_message(self, message: discord.Message) -> None:
+        me = self.client.user
+        if self._closing or me is None or message.author.bot or message.author.id == me.id:
+            return
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return
+        is_dm = message.guild is None
+        if not is_dm and not any(user.id == me.id for user in message.mentions):
+            return  # in guilds the bot only answers when mentioned
+        text = re.sub(rf"<@!?{me.id}>", "", message.content).strip()
+        images = [a for a in message.attachments if (a.content_type or "").startswith("image/")]
+        chat_id, thread_id = self._where(message.channel, message.guild.id if message.guild else None)
+        incoming = Incoming(
+            platform="discord", chat_id=chat_id, user_id=str(message.author.id), text=text, thread_id=thread_id,
+            guild_id=str(message.guild.id) if message.guild else None, is_group=not is_dm,
+            language=self._message_language(message, text), user_name=message.author.name,
+            image=self._image(images[0]) if images else None,
+        )
+        await self._serve(incoming, self.app.handle(incoming, MessageSurface(self, incoming, message)))
+
+    @staticmethod
+    def _message_language(message: discord.Message, text: str) -> str | None:
+        """Messages carry no locale: Chinese text gets Chinese replies, else the server's locale."""
+        if _CJK.search(text):
+            return "zh"
+        return str(message.guild.preferred_locale) if message.guild else None

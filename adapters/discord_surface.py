@@ -1,0 +1,290 @@
+"""Where an answer is shown on Discord: the ReplySurface for slash commands and for messages.
+
+- Slash commands (and the Regenerate button) answer through the interaction: the deferred
+  "thinking…" response is edited into the answer (`edit_original_response`), continuations are
+  follow-ups. The interaction token dies after 15 minutes, so after `switch_after` (14 min) every
+  further write goes to normal channel messages instead.
+- Mentions and DMs reply to the user's message and then edit that reply.
+- The first message of an answer carries a one-line persona header; `LIMITS.max_length` leaves
+  room for it under Discord's 2000 characters.
+- Stop (while streaming) and Regenerate (when done) are stateless buttons (`DynamicItem`s): their
+  custom_id holds the asker's id, so they keep working after a restart and cost no memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import discord
+
+from bot.i18n import t
+from bot.messages import Incoming, MessageGone, Phase, RetryLater, SurfaceLimits
+from bot.splitting import split
+
+from . import discord_texts  # noqa: F401  (registers the texts)
+
+if TYPE_CHECKING:
+    from .discord_bot import DiscordAdapter
+
+log = logging.getLogger(__name__)
+
+DISCORD_MAX = 2000
+HEADER_RESERVE = 40  # "-# " + a persona title of at most 32 characters + newline
+LIMITS = SurfaceLimits(max_length=DISCORD_MAX - HEADER_RESERVE, min_edit_interval=1.0)
+GONE_CODES = {10003, 10008, 10015, 10062, 50027}  # unknown channel/message/webhook/interaction, dead token
+
+
+def persona_header(title: str) -> str:
+    """Subtext line naming who answers (Discord renders "-# " as small grey text)."""
+    return f"-# {title[:32]}\n"
+
+
+# -- buttons ---------------------------------------------------------------------------------------
+
+
+class OwnedButton(discord.ui.DynamicItem[discord.ui.Button], template=r"internlm:(?P<action>stop|regen):(?P<owner>\d+)"):
+    """A button only the asker may press; its custom_id says which action and whose answer."""
+
+    def __init__(self, action: str, owner: int, lang: str = "en") -> None:
+        stop = action == "stop"
+        super().__init__(discord.ui.Button(
+            style=discord.ButtonStyle.secondary if stop else discord.ButtonStyle.primary,
+            label=t("discord_button_stop" if stop else "discord_button_regenerate", lang),
+            emoji="⏹" if stop else "🔄",
+            custom_id=f"internlm:{action}:{owner}",
+        ))
+        self.action, self.owner = action, owner
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]) -> "OwnedButton":
+        button = cls(match["action"], int(match["owner"]))
+        button.item.label = item.label  # keep the label the asker saw
+        return button
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if interaction.user.id == self.owner:
+            return True
+        log.info("refused a %s button press by %s (not the asker)", self.action, interaction.user.id)
+        await interaction.response.send_message(t("discord_not_yours", str(interaction.locale)), ephemeral=True)
+        return False
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        adapter: DiscordAdapter = interaction.client.adapter  # type: ignore[attr-defined]
+        await adapter.on_button(interaction, self.action)
+
+
+def controls(phase: Phase, owner: int, lang: str) -> discord.ui.View | None:
+    """The buttons a write of this phase shows: Stop while it runs, Regenerate when done."""
+    if phase in ("status", "streaming"):
+        action = "stop"
+    elif phase == "done":
+        action = "regen"
+    else:
+        return None
+    view = discord.ui.View(timeout=None)
+    view.add_item(OwnedButton(action, owner, lang))
+    return view
+
+
+# -- surfaces ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Posted:
+    """The handle the core gets back for one Discord message."""
+
+    kind: str  # "original" | "followup" | "channel"
+    message: Any = None  # discord.Message / WebhookMessage (None for the original response)
+    header: str = ""  # the persona header this message starts with
+    controls: str | None = None  # the phase whose buttons it shows now
+    shown: str = ""
+
+
+def _translate(exc: discord.HTTPException) -> Exception:
+    if isinstance(exc, discord.RateLimited):
+        return RetryLater(exc.retry_after)
+    if exc.status == 429:
+        return RetryLater(1.0)
+    if isinstance(exc, discord.NotFound) or exc.code in GONE_CODES:
+        return MessageGone(str(exc))
+    return exc
+
+
+class _Surface:
+    limits = LIMITS
+
+    def __init__(self, adapter: "DiscordAdapter", incoming: Incoming, owner: int) -> None:
+        self.adapter = adapter
+        self.incoming = incoming
+        self.owner = owner
+        self.lang = incoming.language or "en"
+        self.writes = 0
+        self._header_used = False
+
+    # -- the ReplySurface protocol ----------------------------------------------------------------
+    async def post(self, text: str, *, phase: Phase) -> Posted:
+        if phase == "notice" and len(text) > DISCORD_MAX:  # the core does not split notices
+            first = None
+            while text:
+                part = split(text, DISCORD_MAX)
+                handle = await self._post(Posted("?"), part.head, phase)
+                first = first or handle
+                text = part.reopen + text[part.consumed :].lstrip("\n")
+            return first  # type: ignore[return-value]
+        header = ""
+        if phase != "notice" and not self._header_used:
+            header, self._header_used = self._header(), True
+        return await self._post(Posted("?", header=header), text, phase)
+
+    async def edit(self, handle: Posted, text: str, *, phase: Phase) -> None:
+        content = handle.header + text
+        view = controls(phase, self.owner, self.lang)
+        wanted = phase if view is not None else None
+        kwargs: dict[str, Any] = {"content": content}
+        if wanted != handle.controls:
+            kwargs["view"] = view
+        try:
+            await self._edit(handle, **kwargs)
+        except discord.HTTPException as exc:
+            raise _translate(exc) from exc
+        handle.controls, handle.shown = wanted, content
+        self.writes += 1
+
+    async def typing(self) -> None:
+        pass
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _header(self) -> str:
+        app = self.adapter.app
+        persona = app.current_persona(app.session_key(self.incoming))
+        try:
+            title = t(persona.title_key, self.lang)
+        except KeyError:
+            title = persona.name
+        return persona_header(title)
+
+    async def _post(self, handle: Posted, text: str, phase: Phase) -> Posted:
+        content = handle.header + text
+        view = controls(phase, self.owner, self.lang)
+        try:
+            await self._create(handle, content, view)
+        except discord.HTTPException as exc:
+            raise _translate(exc) from exc
+        handle.controls, handle.shown = (phase if view is not None else None), content
+        self.writes += 1
+        return handle
+
+    async def _create(self, handle: Posted, content: str, view: discord.ui.View | None) -> None:
+        raise NotImplementedError
+
+    async def _edit(self, handle: Posted, **kwargs: Any) -> None:
+        await handle.message.edit(**kwargs)
+
+
+def _view_kwargs(view: discord.ui.View | None) -> dict[str, Any]:
+    return {"view": view} if view is not None else {}
+
+
+class MessageSurface(_Surface):
+    """Answers a mention or DM: reply to the user's message, then edit the reply."""
+
+    def __init__(self, adapter: "DiscordAdapter", incoming: Incoming, message: discord.Message) -> None:
+        super().__init__(adapter, incoming, message.author.id)
+        self.message = message
+
+    async def _create(self, handle: Posted, content: str, view: discord.ui.View | None) -> None:
+        handle.kind = "channel"
+        if self.writes == 0:
+            reference = self.message.to_reference(fail_if_not_exists=False)  # the question may be deleted
+            handle.message = await self.message.channel.send(content, reference=reference, **_view_kwargs(view))
+        else:
+            handle.message = await self.message.channel.send(content, **_view_kwargs(view))
+
+    async def typing(self) -> None:
+        await self.message.channel.typing()
+
+
+class InteractionSurface(_Surface):
+    """Answers an application command (or a Regenerate press) through its interaction token."""
+
+    def __init__(
+        self, adapter: "DiscordAdapter", incoming: Incoming, interaction: discord.Interaction, *,
+        received_at: float, clock: Callable[[], float],
+    ) -> None:
+        super().__init__(adapter, incoming, interaction.user.id)
+        self.interaction = interaction
+        self.clock = clock
+        self.switch_at = received_at + adapter.switch_after  # from here on: channel messages
+        self.expires_at = received_at + adapter.token_lifetime
+        self.original_written = False
+        self.token_dead = False
+
+    def _token_usable(self) -> bool:
+        return not self.token_dead and self.clock() < self.switch_at
+
+    async def _create(self, handle: Posted, content: str, view: discord.ui.View | None) -> None:
+        interaction = self.interaction
+        if not self.original_written and not self.token_dead and self.clock() < self.expires_at:
+            handle.kind = "original"  # the deferred "thinking…" message becomes the answer
+            try:
+                await interaction.edit_original_response(content=content, **_view_kwargs(view))
+            except discord.HTTPException as exc:
+                self._note_dead(exc)
+                raise
+            self.original_written = True
+        elif self._token_usable():
+            handle.kind = "followup"
+            try:
+                handle.message = await interaction.followup.send(content, wait=True, **_view_kwargs(view))
+            except discord.HTTPException as exc:
+                self._note_dead(exc)
+                raise
+        else:
+            handle.kind = "channel"
+            if interaction.channel is None:
+                raise MessageGone("the interaction token expired and its channel is unknown")
+            handle.message = await interaction.channel.send(content, **_view_kwargs(view))  # type: ignore[union-attr]
+
+    async def _edit(self, handle: Posted, **kwargs: Any) -> None:
+        if handle.kind == "channel":
+            await handle.message.edit(**kwargs)
+            return
+        if not self._token_usable():
+            await self._retire(handle)
+            raise MessageGone("the interaction token is about to expire; continuing in a channel message")
+        try:
+            if handle.kind == "original":
+                await self.interaction.edit_original_response(**kwargs)
+            else:
+                await handle.message.edit(**kwargs)
+        except discord.HTTPException as exc:
+            self._note_dead(exc)
+            raise
+
+    async def _retire(self, handle: Posted) -> None:
+        """Take the buttons off a message we can no longer edit (while the token still works)."""
+        if self.token_dead or self.clock() >= self.expires_at or handle.controls is None:
+            return
+        try:
+            if handle.kind == "original":
+                await self.interaction.edit_original_response(view=None)
+            else:
+                await handle.message.edit(view=None)
+            handle.controls = None
+        except discord.HTTPException as exc:
+            log.info("could not retire a message before its token expired: %s", exc)
+
+    def _note_dead(self, exc: discord.HTTPException) -> None:
+        if exc.code == 50027 or (isinstance(exc, discord.NotFound) and exc.code in (10015, 10062)):
+            self.token_dead = True
+
+    async def close(self) -> None:
+        """The core wrote nothing (e.g. a repeated refusal): remove the "thinking…" placeholder."""
+        if self.writes == 0 and not self.token_dead and self.clock() < self.expires_at:
+            try:
+                await self.interaction.delete_original_response()
+            except discord.HTTPException as exc:
+                log.info("could not remove an unanswered placeholder: %s", exc)

@@ -1,0 +1,338 @@
+"""/agent: the Lagent tool-using agent as a persona (command "agent", model role "agent").
+
+The responder runs `models.agent` and turns its `AgentReturn` states into display text that only
+grows (a ReplyStream shows appended text): per tool step a short thinking line, the code in a
+code block, its output; then the answer. History stores the agent's own steps (code, outputs,
+answers) so a follow-up continues the same conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import aclosing
+from copy import deepcopy
+from typing import AsyncIterator
+
+from models.agent import StepContext, build_turn, history_steps, make_protocol, run_agent, stored_steps
+from models.agent_tools import SandboxedPython
+from models.base import GenerationParams
+from models.sandbox import RunResult, Sandbox, SandboxLimits, SandboxUnavailable, strip_code_fences
+
+from .app import App
+from .i18n import register, t
+from .personas import Persona
+from .responders import Turn
+
+log = logging.getLogger(__name__)
+
+CODING, CODE_END, CODE_RETURN = 6, 7, 8
+PLUGIN_START, PLUGIN_END, PLUGIN_RETURN = 3, 4, 5
+STREAM_ING, END = 1, 0
+THOUGHT_HOLD = 160  # language text longer than this is shown as it streams, not held as a thought
+DISPLAY_OUTPUT_CHARS = 1500  # the model sees up to SANDBOX_MAX_OUTPUT_CHARS; the chat shows less
+DISPLAY_TOOL_CHARS = 400
+
+TEXTS = {
+    "agent_running_code": {"en": "Running Python…", "zh": "运行 Python……"},
+    "agent_using_tool": {"en": "Using a tool…", "zh": "调用工具……"},
+    "agent_output": {"en": "📤 Output:", "zh": "📤 输出："},
+    "agent_no_output": {"en": "(no output)", "zh": "（没有输出）"},
+    "agent_output_shortened": {"en": "✂️ (output shortened)", "zh": "✂️（输出已截断）"},
+    "agent_stopped_wall": {
+        "en": "⏱ Stopped: the {seconds} s time limit was reached.",
+        "zh": "⏱ 已停止：超过了 {seconds} 秒的时间限制。",
+    },
+    "agent_stopped_cpu": {
+        "en": "⏱ Stopped: the {seconds} s CPU time limit was reached.",
+        "zh": "⏱ 已停止：超过了 {seconds} 秒的 CPU 时间限制。",
+    },
+    "agent_stopped_output": {
+        "en": "✂️ Stopped: too much output (only the beginning is kept).",
+        "zh": "✂️ 已停止：输出太多（只保留了开头部分）。",
+    },
+    "agent_stopped_run": {"en": "⏹ The run was stopped.", "zh": "⏹ 运行已停止。"},
+    "agent_sandbox_missing": {
+        "en": "⚠️ The code was not run: this bot has no working sandbox for code. The operator has been told (see the bot's log).",
+        "zh": "⚠️ 代码没有运行：本机器人没有可用的代码沙箱。已记录到日志，请联系管理员。",
+    },
+    "agent_tool_call": {"en": "🔎 {tool}: {query}", "zh": "🔎 {tool}：{query}"},
+    "agent_tool_failed": {"en": "⚠️ The tool failed: {error}", "zh": "⚠️ 工具调用失败：{error}"},
+    "agent_max_turns": {
+        "en": "(stopped after {n} steps without a final answer)",
+        "zh": "（已执行 {n} 步，仍未得出最终回答）",
+    },
+    "agent_not_allowed": {
+        "en": "Sorry, the agent is only available to some users of this bot.",
+        "zh": "抱歉，智能体只对本机器人的部分用户开放。",
+    },
+    "agent_help": {
+        "en": "Agent (/agent): InternLM2 with tools: {tools}. It answers in steps: you see the code it runs, the output, then the answer.",
+        "zh": "智能体（/agent）：带工具的书生·浦语：{tools}。它会分步回答：你会看到它运行的代码、输出，然后是答案。",
+    },
+    "agent_tool_python": {"en": "python (runs code)", "zh": "python（运行代码）"},
+    "agent_tool_arxiv": {"en": "arxiv (searches papers)", "zh": "arxiv（检索论文）"},
+    "agent_no_tools": {"en": "none", "zh": "无"},
+    "agent_help_sandbox": {
+        "en": "Code runs in a sandbox: no network, no access to the bot's files, {cpu} s of CPU and {wall} s in all, "
+        "{memory} MB of memory, {processes} processes, {chars} characters of output; nothing is kept between runs.",
+        "zh": "代码在沙箱中运行：无网络，无法访问机器人的文件；限制为 CPU {cpu} 秒、总时长 {wall} 秒、内存 {memory} MB、"
+        "{processes} 个进程、输出 {chars} 个字符；每次运行之间不保留任何内容。",
+    },
+    "agent_help_unsafe": {
+        "en": "⚠️ Code runs WITHOUT a sandbox on this bot (the operator turned it off).",
+        "zh": "⚠️ 本机器人上的代码运行没有沙箱保护（管理员关闭了沙箱）。",
+    },
+    "agent_help_no_sandbox": {
+        "en": "Python is off: this bot has no working sandbox for code.",
+        "zh": "Python 已停用：本机器人没有可用的代码沙箱。",
+    },
+}
+
+
+def _fence(text: str) -> str:
+    """A code block whose content cannot close it early."""
+    return "```\n" + text.replace("```", "`\u200b``").rstrip("\n") + "\n```\n"
+
+
+class StepRenderer:
+    """AgentReturn states → display deltas (append-only), and the steps to store."""
+
+    def __init__(self, lang: str, python: SandboxedPython | None, limits: SandboxLimits) -> None:
+        self.lang = lang
+        self.python = python
+        self.limits = limits
+        self.shown = ""
+        self.steps: list[dict] = []  # completed lagent inner steps of this turn
+        self.python_steps = 0
+        self._new_step()
+
+    def _new_step(self) -> None:
+        self.language = ""  # the model's text in the current step
+        self.plain = False  # it is being shown as it streams (too long to be a thought)
+        self.opened = False  # the step's header (thought, code fence) is shown
+        self.code_lines = 0  # raw code lines consumed
+        self.closed = False  # the code block is closed
+        self._plain_shown = 0
+
+    # -- output helpers ----------------------------------------------------------------------
+    def _emit(self, text: str, out: list[str]) -> None:
+        if text:
+            self.shown += text
+            out.append(text)
+
+    def _gap(self) -> str:
+        if not self.shown:
+            return ""
+        return "\n" if self.shown.endswith("\n") else "\n\n"
+
+    def stored(self) -> str:
+        steps = self.steps + ([{"role": "language", "content": self.language}] if self.language else [])
+        return stored_steps(steps) if steps else ""
+
+    # -- states --------------------------------------------------------------------------------
+    def feed(self, state) -> str:
+        out: list[str] = []
+        code, response = int(state.state), state.response
+        if code == STREAM_ING and isinstance(response, str):
+            self._language(response, out)
+        elif code in (CODING, CODE_END) and isinstance(response, dict):
+            self._open(out, python=True)
+            self._code(response.get("parameters", {}).get("command", ""), out, final=code == CODE_END)
+        elif code in (PLUGIN_START, PLUGIN_END):
+            self._open(out, python=False)
+        elif code == CODE_RETURN and state.actions:
+            self._code_return(state, out)
+        elif code == PLUGIN_RETURN and state.actions:
+            self._plugin_return(state, out)
+        elif code == END:
+            self._end(state, out)
+        return "".join(out)
+
+    def _language(self, text: str, out: list[str]) -> None:
+        self.language = text  # grows within a step; held back while it may be a short thought
+        if not self.plain and (len(text) > THOUGHT_HOLD or "\n\n" in text):
+            self.plain = True
+            self._emit(self._gap(), out)
+            self._emit(text, out)
+            self._plain_shown = len(text)
+        elif self.plain and len(text) > self._plain_shown:
+            self._emit(text[self._plain_shown :], out)
+            self._plain_shown = len(text)
+
+    def _open(self, out: list[str], *, python: bool, thought: str | None = None) -> None:
+        if self.opened:
+            return
+        self.opened = True
+        thought = (self.language if thought is None else thought).strip()
+        if self.plain:
+            self._emit("\n", out)
+        else:
+            label = thought or t("agent_running_code" if python else "agent_using_tool", self.lang)
+            self._emit(self._gap() + "💭 " + label + "\n", out)
+        if python:
+            self._emit("```python\n", out)
+
+    def _code(self, command: str, out: list[str], *, final: bool) -> None:
+        if self.closed:
+            return
+        lines = command.split("\n")
+        complete = lines if final else lines[:-1]
+        for line in complete[self.code_lines :]:
+            if not line.strip().startswith("```"):
+                self._emit(line.replace("```", "`\u200b``") + "\n", out)
+        self.code_lines = len(complete)
+        if final:
+            self._emit("```\n", out)
+            self.closed = True
+
+    def _code_return(self, state, out: list[str]) -> None:
+        action = state.actions[-1]
+        command = (action.args or {}).get("command", "")
+        self._open(out, python=True, thought=action.thought or "")
+        self._code(command, out, final=True)
+        run = None
+        if self.python is not None and self.python_steps < len(self.python.runs):
+            run = self.python.runs[self.python_steps]
+        self.python_steps += 1
+        self._emit(self._output(run, action), out)
+        self.steps = list(state.inner_steps)
+        self._new_step()
+
+    def _output(self, run: RunResult | SandboxUnavailable | None, action) -> str:
+        if isinstance(run, SandboxUnavailable):
+            return t("agent_sandbox_missing", self.lang) + "\n"
+        if run is None:  # not our run (e.g. an invalid tool call): show what the model was told
+            return _fence(action.errmsg or action.format_result())
+        text = run.output.rstrip("\n")
+        shortened = run.truncated or len(text) > DISPLAY_OUTPUT_CHARS
+        text = text[:DISPLAY_OUTPUT_CHARS]
+        lines = [t("agent_output", self.lang), _fence(text) if text else t("agent_no_output", self.lang) + "\n"]
+        if shortened and run.reason != "output":
+            lines.append(t("agent_output_shortened", self.lang) + "\n")
+        if run.reason == "wall":
+            lines.append(t("agent_stopped_wall", self.lang, seconds=f"{self.limits.wall_seconds:g}") + "\n")
+        elif run.reason == "cpu":
+            lines.append(t("agent_stopped_cpu", self.lang, seconds=self.limits.cpu_seconds) + "\n")
+        elif run.reason == "output":
+            lines.append(t("agent_stopped_output", self.lang) + "\n")
+        elif run.reason == "cancelled":
+            lines.append(t("agent_stopped_run", self.lang) + "\n")
+        return "\n".join(line.rstrip("\n") for line in lines) + "\n"
+
+    def _plugin_return(self, state, out: list[str]) -> None:
+        action = state.actions[-1]
+        self._open(out, python=False, thought=action.thought or "")
+        query = ", ".join(str(v) for v in (action.args or {}).values())[:200]
+        self._emit(t("agent_tool_call", self.lang, tool=action.type or "tool", query=query) + "\n", out)
+        if action.errmsg:
+            self._emit(t("agent_tool_failed", self.lang, error=str(action.errmsg)[:DISPLAY_TOOL_CHARS]) + "\n", out)
+        else:
+            result = action.format_result()
+            short = result[:DISPLAY_TOOL_CHARS] + ("…" if len(result) > DISPLAY_TOOL_CHARS else "")
+            self._emit(_fence(short), out)
+        self.steps = list(state.inner_steps)
+        self._new_step()
+
+    def _end(self, state, out: list[str]) -> None:
+        if state.inner_steps:
+            self.steps = list(state.inner_steps)
+        if isinstance(state.response, str):
+            answer = state.response
+            if self.plain:
+                self._emit(answer[self._plain_shown :], out)
+            elif answer.strip():
+                self._emit(self._gap() + answer.strip(), out)
+        else:  # lagent ran out of turns while still calling tools
+            self._emit(self._gap() + t("agent_max_turns", self.lang, n=len(state.actions)), out)
+        self.language = ""
+
+
+class AgentResponder:
+    def __init__(self, app: App, sandbox: Sandbox | None) -> None:
+        self.app = app
+        self.sandbox = sandbox
+        self.settings = app.settings
+
+    def respond(self, turn: Turn) -> AsyncIterator[str]:
+        return self._respond(turn)
+
+    async def _respond(self, turn: Turn) -> AsyncIterator[str]:
+        if not self.app.access.allows_role(turn.msg, "agent"):  # e.g. a shared group session
+            log.info("refused %s for the agent (AGENT_ALLOWED_USERS)", turn.tenant)
+            turn.stored_answer = ""
+            yield t("agent_not_allowed", turn.lang)
+            return
+        history = history_steps(turn.history)
+        context = StepContext(
+            loop=asyncio.get_running_loop(), cancel=turn.cancel, tenant=turn.tenant, on_wait=turn.on_wait,
+            stats=turn.stats, n_history=len(make_protocol().format_sub_role(deepcopy(history))),
+        )
+        agent_turn = build_turn(
+            self.app.hub.get("agent"), turn.persona.params, context, sandbox=self.sandbox,
+            tools=self.settings.enabled_tools, max_turn=self.settings.agent_max_turn,
+        )
+        renderer = StepRenderer(turn.lang, agent_turn.python, sandbox_limits(self.settings))
+        messages = history + [{"role": "user", "content": turn.text}]
+        async with aclosing(run_agent(agent_turn, messages)) as states:
+            async for state in states:
+                delta = renderer.feed(state)
+                turn.stored_answer = renderer.stored()
+                if delta:
+                    yield delta
+        turn.stored_answer = renderer.stored()
+
+
+def sandbox_limits(settings) -> SandboxLimits:
+    return SandboxLimits(
+        cpu_seconds=settings.sandbox_cpu_seconds,
+        wall_seconds=settings.sandbox_wall_seconds,
+        memory_mb=settings.sandbox_memory_mb,
+        max_processes=settings.sandbox_max_processes,
+        max_output_chars=settings.sandbox_max_output_chars,
+    )
+
+
+def make_sandbox(settings) -> Sandbox | None:
+    """The sandbox for the python tool (None when the tool is off); logs what the admin must do."""
+    if "python" not in settings.enabled_tools:
+        return None
+    sandbox = Sandbox(sandbox_limits(settings), unsafe_no_bwrap=settings.sandbox_unsafe_no_bwrap)
+    if sandbox.problem:
+        log.error("agent: Python is disabled: %s", sandbox.problem)
+    elif not sandbox.sandboxed:
+        log.warning("agent: SANDBOX_UNSAFE_NO_BWRAP=true: model-written code runs on this host WITHOUT a sandbox")
+    return sandbox
+
+
+def help_section(settings, sandbox: Sandbox | None, lang: str) -> str:
+    names = [t(f"agent_tool_{name}", lang) for name in settings.enabled_tools if name in ("python", "arxiv")]
+    text = t("agent_help", lang, tools=", ".join(names) or t("agent_no_tools", lang))
+    if sandbox is not None:
+        if sandbox.problem:
+            text += "\n" + t("agent_help_no_sandbox", lang)
+        elif not sandbox.sandboxed:
+            text += "\n" + t("agent_help_unsafe", lang)
+        else:
+            lim = sandbox.limits
+            text += "\n" + t(
+                "agent_help_sandbox", lang, cpu=lim.cpu_seconds, wall=f"{lim.wall_seconds:g}", memory=lim.memory_mb,
+                processes=lim.max_processes, chars=lim.max_output_chars,
+            )
+    return text
+
+
+def install(app: App) -> None:
+    """Add the agent persona, its responder, /help section and texts."""
+    register(TEXTS)
+    settings = app.settings
+    unknown = [name for name in settings.enabled_tools if name not in ("python", "arxiv")]
+    if unknown:
+        log.warning("AGENT_TOOLS: unknown tools ignored: %s", ", ".join(unknown))
+    sandbox = make_sandbox(settings)
+    params = GenerationParams(
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
+    )
+    persona = Persona("agent", "agent", "agent", None, params)
+    app.add_persona(persona, AgentResponder(app, sandbox))
+    app.help_sections.append(lambda lang: help_section(settings, sandbox, lang))

@@ -1,0 +1,303 @@
+"""The Lagent agent (lagent 0.2.4 `Internlm2Agent` + `Internlm2Protocol`) on this project's models.
+
+`ScheduledLLM` is a lagent LLM (a `lagent.llms.BaseModel`) that generates through the role's
+`ScheduledModel`, so the agent shares loading, the fair queue, cancellation and the loaded
+weights with every other persona. lagent's loop is synchronous: `run_agent` drives it on its own
+thread and hands each `AgentReturn` state back to the event loop; model steps and sandbox runs
+are in turn handed from that thread to the event loop (`run_coroutine_threadsafe`).
+
+Cancellation: `cancel` stops a generation within a step (the backend's stopping criterion), a
+sandbox run within a step (the process is killed), and the loop between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Sequence
+
+import lagent.agents.internlm2_agent as _internlm2_agent
+from lagent.actions import ActionExecutor
+from lagent.agents.internlm2_agent import META_CN, PLUGIN_CN, Internlm2Agent, Internlm2Protocol
+from lagent.llms import BaseModel
+from lagent.schema import AgentReturn, AgentStatusCode, ModelStatusCode
+
+from .agent_tools import ArxivPapers, SandboxedPython
+from .base import Cancel, ChatBackend, ChatMessage, GenerationParams, ModelError, StreamStats
+from .registry import ScheduledModel, WaitCallback
+from .sandbox import Sandbox
+
+log = logging.getLogger(__name__)
+
+# lagent's stream_chat prints every response and tool result to stdout in colour; send it to
+# the debug log instead (the module-level name shadows the builtin for that module only).
+_internlm2_agent.print = lambda *args, **kwargs: log.debug("lagent: %s", " ".join(map(str, args)))
+
+# lagent's interpreter prompt promises a stateful Jupyter notebook with files and plots; ours
+# is a fresh, offline, text-only process per run, and the model should know that.
+INTERPRETER_PROMPT = (
+    "你现在已经能够在一个隔离的沙箱中运行 Python 代码。当你向 python 发送含有 Python 代码的消息时，"
+    "它将在一个全新的进程中执行，并返回标准输出和错误信息。每次执行之间不会保留变量，沙箱没有网络，"
+    "只能读写当前目录，请用 print 输出结果。这个工具适用于复杂的计算问题（解决数学和物理难题）、"
+    "编程示例、文本处理和分析等场景。"
+)
+
+TOOL_NAMES = {"interpreter": "<|interpreter|>", "plugin": "<|plugin|>"}
+STORED_KEY = "agent_steps"  # marks an assistant message stored by the agent (JSON)
+
+
+def make_protocol() -> Internlm2Protocol:
+    return Internlm2Protocol(meta_prompt=META_CN, interpreter_prompt=INTERPRETER_PROMPT, plugin_prompt=PLUGIN_CN)
+
+
+# -- prompt rendering -------------------------------------------------------------------------
+def to_chat_messages(formatted: Sequence[dict], *, named_roles: bool = True) -> list[ChatMessage]:
+    """lagent's formatted prompt (dicts with role, content and maybe name) as ChatMessages.
+
+    InternLM2 marks tool messages in the role line: `<|im_start|>system name=<|interpreter|>`.
+    The chat template prints the role verbatim, so with `named_roles` the name goes into the
+    role string; servers (openai backend) get the plain role."""
+    out = []
+    for m in formatted:
+        role = m["role"]
+        name = m.get("name")
+        if named_roles and name:
+            role = f"{role} name={TOOL_NAMES.get(name, name)}"
+        out.append(ChatMessage(role, m["content"]))
+    return out
+
+
+def fit_history(
+    count_tokens: Callable[[list[ChatMessage]], int], budget: int, messages: list[ChatMessage], n_history: int
+) -> list[ChatMessage]:
+    """Drop the oldest history exchanges (from a user message to the next) until `messages`
+    fits `budget` tokens. `messages` = system prompts, then `n_history` history messages, then
+    the current turn."""
+    n_system = 0
+    while n_system < len(messages) and messages[n_system].role.startswith("system"):
+        n_system += 1
+    system = messages[:n_system]
+    history = messages[n_system : n_system + n_history]
+    current = messages[n_system + n_history :]
+    starts = [i for i, m in enumerate(history) if m.role == "user"] + [len(history)]
+    if starts[0] != 0:
+        starts.insert(0, 0)
+
+    def fits(start: int) -> bool:
+        return count_tokens(system + history[start:] + current) <= budget
+
+    lo, hi = 0, len(starts) - 1
+    if fits(starts[lo]):
+        return messages
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        if fits(starts[mid]):
+            hi = mid
+        else:
+            lo = mid
+    return system + history[starts[hi] :] + current
+
+
+# -- history: what is stored between turns -----------------------------------------------------
+def stored_steps(steps: list[dict]) -> str:
+    """An agent turn (lagent inner steps after the user message) as the stored answer."""
+    return json.dumps({STORED_KEY: steps}, ensure_ascii=False)
+
+
+def history_steps(history: Sequence[ChatMessage]) -> list[dict]:
+    """Stored history (user messages and stored answers) as lagent inner steps."""
+    steps: list[dict] = []
+    for m in history:
+        if m.role == "assistant":
+            try:
+                data = json.loads(m.content)
+                steps.extend(data[STORED_KEY])
+                continue
+            except (ValueError, TypeError, KeyError):
+                pass  # an answer stored as plain text (e.g. cut by a crash)
+        steps.append({"role": m.role, "content": m.content})
+    return steps
+
+
+# -- the LLM adapter ---------------------------------------------------------------------------
+@dataclass
+class StepContext:
+    """What one agent turn's model calls share."""
+
+    loop: asyncio.AbstractEventLoop
+    cancel: Cancel
+    tenant: str
+    on_wait: WaitCallback | None = None
+    stats: StreamStats = field(default_factory=StreamStats)
+    n_history: int = 0  # history messages in the prompt, for trimming to the context window
+
+
+class ScheduledLLM(BaseModel):
+    """A lagent LLM that generates with a `ScheduledModel` (called from the agent's thread)."""
+
+    def __init__(self, model: ScheduledModel, params: GenerationParams, context: StepContext) -> None:
+        super().__init__(
+            path=model.spec.model, max_new_tokens=params.max_new_tokens, top_p=params.top_p,
+            temperature=params.temperature,
+        )
+        self.model = model
+        self.params = params
+        self.context = context
+        self.in_process = model.spec.backend == "transformers"
+
+    def generate(self, inputs, **gen_params) -> str:
+        raise NotImplementedError("the agent calls chat/stream_chat with messages")
+
+    def chat(self, inputs: list[dict], **gen_params) -> str:
+        text = ""
+        for _, text, _ in self.stream_chat(inputs, **gen_params):
+            pass
+        return text
+
+    def stream_chat(self, inputs: list[dict], **gen_params):
+        """Yields (ModelStatusCode, text so far, None), as lagent's LLMs do."""
+        ctx = self.context
+        if ctx.cancel.is_set:
+            yield ModelStatusCode.SESSION_CLOSED, "", None
+            return
+        messages = to_chat_messages(inputs, named_roles=self.in_process)
+        reserve = self.params.max_new_tokens
+
+        def prompt(backend: ChatBackend) -> list[ChatMessage]:
+            return fit_history(backend.count_tokens, backend.context_window - reserve, messages, ctx.n_history)
+
+        options = {"skip_special_tokens": False} if self.in_process else {}  # keep <|action_start|> etc.
+        items: queue.Queue = queue.Queue()
+        step_stats = StreamStats()
+
+        async def pump() -> None:
+            try:
+                stream = self.model.stream(
+                    prompt, params=self.params, cancel=ctx.cancel, tenant=ctx.tenant, on_wait=ctx.on_wait,
+                    stats=step_stats, **options,
+                )
+                async with aclosing(stream) as deltas:
+                    async for delta in deltas:
+                        items.put(("delta", delta))
+            except BaseException as exc:
+                items.put(("error", exc))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                items.put(("end", None))
+
+        future = asyncio.run_coroutine_threadsafe(pump(), ctx.loop)
+        text = ""
+        try:
+            while True:
+                kind, item = items.get()
+                if kind == "delta":
+                    text += item
+                    yield ModelStatusCode.STREAM_ING, text, None
+                elif kind == "error":
+                    if isinstance(item, asyncio.CancelledError):
+                        yield ModelStatusCode.SESSION_CLOSED, text, None
+                        return
+                    raise item
+                else:
+                    break
+        finally:
+            if not future.done():  # the agent stopped listening: stop the generation too
+                future.cancel()
+            ctx.stats.prompt_tokens += step_stats.prompt_tokens
+            ctx.stats.completion_tokens += step_stats.completion_tokens
+        if ctx.cancel.is_set:
+            yield ModelStatusCode.SESSION_CLOSED, text, None
+            return
+        yield ModelStatusCode.END, text, None
+
+
+# -- running a turn ------------------------------------------------------------------------------
+@dataclass
+class AgentTurn:
+    """One user turn for the agent: the tools it may use and what happened."""
+
+    python: SandboxedPython | None
+    agent: Internlm2Agent
+    context: StepContext
+
+
+def build_turn(
+    model: ScheduledModel,
+    params: GenerationParams,
+    context: StepContext,
+    *,
+    sandbox: Sandbox | None,
+    tools: Sequence[str] = ("python",),
+    max_turn: int = 4,
+) -> AgentTurn:
+    python = SandboxedPython(sandbox, context.loop, context.cancel) if "python" in tools and sandbox else None
+    plugins = [ArxivPapers()] if "arxiv" in tools else []
+    agent = Internlm2Agent(
+        llm=ScheduledLLM(model, params, context),
+        plugin_executor=ActionExecutor(plugins) if plugins else None,
+        interpreter_executor=ActionExecutor([python]) if python else None,
+        protocol=make_protocol(),
+        max_turn=max_turn,
+    )
+    return AgentTurn(python, agent, context)
+
+
+class AgentFailed(ModelError):
+    """lagent stopped with an error state or raised (e.g. a malformed tool call)."""
+
+
+async def run_agent(turn: AgentTurn, messages: list[dict]) -> AsyncIterator[AgentReturn]:
+    """Run `Internlm2Agent.stream_chat(messages)` on a worker thread; yield its states, in
+    order, on the event loop. Leaving early (or `cancel`) stops the thread's work."""
+    ctx = turn.context
+    loop = asyncio.get_running_loop()
+    states: asyncio.Queue = asyncio.Queue()
+    done = object()
+    consumer_gone = threading.Event()
+
+    def work() -> None:
+        result: object = done
+        agent_states = turn.agent.stream_chat(messages)
+        try:
+            for state in agent_states:
+                loop.call_soon_threadsafe(states.put_nowait, state)
+                if ctx.cancel.is_set or consumer_gone.is_set():
+                    break
+        except BaseException as exc:  # handed to the event loop, never lost in the thread
+            result = exc
+        finally:
+            try:
+                agent_states.close()
+            finally:
+                loop.call_soon_threadsafe(states.put_nowait, result)
+
+    thread = threading.Thread(target=work, name=f"agent:{ctx.tenant}", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        while True:
+            item = await states.get()
+            if item is done:
+                finished = True
+                return
+            if isinstance(item, BaseException):
+                finished = True
+                if isinstance(item, ModelError):
+                    raise item
+                log.error("the agent failed: %r", item)
+                raise AgentFailed(f"the agent failed: {item!r}") from item
+            if item.state < 0 and not ctx.cancel.is_set:
+                raise AgentFailed(f"the agent stopped with {AgentStatusCode(item.state).name}")
+            yield item
+    finally:
+        consumer_gone.set()
+        if not finished:  # left early: the model and the sandbox see `cancel` and stop
+            ctx.cancel.set()
+        if thread.is_alive():
+            await asyncio.to_thread(thread.join, 30)

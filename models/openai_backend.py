@@ -1,0 +1,282 @@
+"""A model served by an OpenAI-compatible server (LMDeploy `api_server` or `proxy`, vLLM).
+
+Any role can use it (`<ROLE>_BACKEND=openai`, `<ROLE>_BASE_URL`, `<ROLE>_API_KEY`, and
+`<ROLE>_MODEL` = the name the server serves). Streaming chat completions through the `openai`
+package's async client:
+- the persona's system prompt and stop words are sent explicitly (LMDeploy's default template
+  adds no system prompt), and stop words are also enforced here, whatever the server does;
+- a picture travels as an `image_url` part holding a base64 JPEG data URL;
+- connection errors, timeouts, 429 and 5xx are retried with exponential backoff and jitter
+  while nothing has been shown yet; a stream that breaks after text was shown fails the answer;
+- cancellation closes the HTTP stream (the server then stops generating), also while waiting
+  for the first byte;
+- an unreachable server becomes `ServerUnavailable`, which the user sees as a short notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import random
+import time
+from contextlib import aclosing
+from typing import AsyncIterator
+
+import openai
+from openai import AsyncOpenAI
+
+from .base import Cancel, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKENS = 1225  # what a picture costs XComposer2 (35x35 patches); a budget, not exact
+JPEG_QUALITY = 90
+CANCEL_POLL = 0.05  # seconds between checks of the cancel flag while the server is silent
+_DOWN_STATUSES = (502, 503, 504)  # a proxy in front of a dead engine
+
+
+class ServerUnavailable(ModelUnavailable):
+    """The model server cannot be reached (refused, timed out, proxy says its engine is down)."""
+
+    user_message_key = "model_server_down"
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, down: bool) -> None:
+        super().__init__(reason)
+        self.down = down
+
+
+def approx_tokens(text: str) -> int:
+    """A slightly high estimate for InternLM-style tokenizers: a CJK character is about one
+    token, other text about four characters per token. Used only for context budgeting."""
+    wide = sum(1 for ch in text if ord(ch) >= 0x2E80)
+    return wide + (len(text) - wide + 2) // 3
+
+
+def image_data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def to_openai_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Chat messages → the request's `messages` (blocking: encodes pictures)."""
+    out = []
+    for m in messages:
+        if m.image is None:
+            out.append({"role": m.role, "content": m.content})
+        else:
+            out.append({
+                "role": m.role,
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_data_url(m.image)}},
+                    {"type": "text", "text": m.content},
+                ],
+            })
+    return out
+
+
+class OpenAIBackend:
+    image_side = 0  # no preference: the intake's default size (the server resizes for its model)
+    image_tokens = IMAGE_TOKENS
+
+    def __init__(
+        self, *, base_url: str, model: str, api_key: str = "", timeout: float = 120.0, max_retries: int = 3,
+        context_window: int = 8192, variable: str = "CHAT", backoff: float = 0.5, backoff_max: float = 8.0,
+    ) -> None:
+        if not base_url:
+            raise ModelUnavailable(f"{variable}_BACKEND=openai needs {variable}_BASE_URL (e.g. http://127.0.0.1:23333/v1)")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.name = f"{model} at {self.base_url}"
+        self.api_key = api_key
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.context_window = context_window
+        self.variable = variable
+        self.backoff, self.backoff_max = backoff, backoff_max
+        self._client: tuple[asyncio.AbstractEventLoop, AsyncOpenAI] | None = None
+
+    @classmethod
+    def from_spec(cls, spec) -> "OpenAIBackend":
+        return cls(
+            base_url=spec.base_url, model=spec.model, api_key=spec.api_key, timeout=spec.timeout,
+            max_retries=spec.max_retries, context_window=spec.max_context_tokens, variable=spec.role.upper(),
+        )
+
+    def client(self) -> AsyncOpenAI:
+        """One client (connection pool) per event loop; our own retry loop, not the library's."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client[0] is not loop:
+            # LMDeploy and vLLM accept any key unless started with --api-keys / --api-key.
+            client = AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "none", timeout=self.timeout, max_retries=0)
+            self._client = (loop, client)
+        return self._client[1]
+
+    def count_tokens(self, messages: list[ChatMessage]) -> int:
+        total = 3  # the assistant prompt
+        for m in messages:
+            total += 5 + approx_tokens(m.content) + (self.image_tokens if m.image is not None else 0)
+        return total
+
+    async def stream(
+        self, messages: list[ChatMessage], *, params: GenerationParams, cancel: Cancel,
+        stats: StreamStats | None = None, skip_special_tokens: bool = True,
+    ) -> AsyncIterator[str]:
+        payload = await asyncio.to_thread(to_openai_messages, messages)
+        request: dict = dict(
+            model=self.model, messages=payload, stream=True, max_tokens=params.max_new_tokens,
+            temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p,
+        )
+        if params.stop:
+            request["stop"] = list(params.stop)
+        if not skip_special_tokens:  # LMDeploy and vLLM both take this extension
+            request["extra_body"] = {"skip_special_tokens": False}
+        stats = stats if stats is not None else StreamStats()
+        stats.prompt_tokens = self.count_tokens(messages)
+        attempt = 0
+        shown = ""
+        while True:
+            try:
+                async with aclosing(self._one_attempt(request, params, cancel, stats)) as deltas:
+                    async for delta in deltas:
+                        shown += delta
+                        yield delta
+                return
+            except _Retry as retry:
+                if shown:  # the user already sees part of an answer: do not start another one
+                    raise ModelError(f"{self.name}: the stream broke mid-answer ({retry})") from None
+                if attempt >= self.max_retries:
+                    kind = ServerUnavailable if retry.down else ModelError
+                    raise kind(f"{self.name}: {retry} (after {attempt + 1} attempts)") from None
+                delay = min(self.backoff_max, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+                attempt += 1
+                log.warning("%s: %s; retry %d/%d in %.2fs", self.name, retry, attempt, self.max_retries, delay)
+                if await _sleep_unless(cancel, delay):
+                    return
+
+    async def _one_attempt(
+        self, request: dict, params: GenerationParams, cancel: Cancel, stats: StreamStats
+    ) -> AsyncIterator[str]:
+        started = time.perf_counter()
+        create = asyncio.ensure_future(self.client().chat.completions.create(**request))
+        try:
+            response = await _unless_cancelled(create, cancel)
+        except openai.APITimeoutError:
+            raise _Retry(f"no answer within {self.timeout:g}s (timed out; OPENAI_TIMEOUT)", down=True) from None
+        except openai.APIConnectionError as exc:  # refused, reset, DNS
+            raise _Retry(f"cannot reach the server: {exc.__cause__ or exc}", down=True) from None
+        except openai.APIStatusError as exc:
+            self._raise_for_status(exc)
+        if response is None:  # cancelled before the server answered
+            return
+        text, finished, chunks = "", False, 0
+        closer = asyncio.create_task(_close_when_cancelled(cancel, response))
+        try:
+            async for chunk in response:
+                if cancel.is_set:
+                    break
+                if getattr(chunk, "usage", None):
+                    stats.prompt_tokens = chunk.usage.prompt_tokens or stats.prompt_tokens
+                    stats.completion_tokens = chunk.usage.completion_tokens or stats.completion_tokens
+                for choice in chunk.choices or ():
+                    if choice.finish_reason:
+                        finished = True
+                    delta = choice.delta.content if choice.delta else None
+                    if not delta:
+                        continue
+                    chunks += 1
+                    text += delta
+                    hit = _first_stop(text, params.stop)
+                    if hit is not None:  # a server that ignored `stop`: cut here and hang up
+                        delta = delta[: max(0, len(delta) - (len(text) - hit))]
+                        if delta:
+                            yield delta
+                        return
+                    yield delta
+            if not finished and not cancel.is_set:
+                raise _Retry("the stream ended without a finish reason", down=False)
+        except openai.APIError as exc:  # incl. connection errors and timeouts while reading
+            if cancel.is_set:  # our own close interrupted the read
+                return
+            timed_out = isinstance(exc, openai.APITimeoutError)
+            reason = f"nothing for {self.timeout:g}s (timed out)" if timed_out else f"{exc.__cause__ or exc}"
+            raise _Retry(f"the stream broke: {reason}", down=timed_out) from None
+        except Exception:
+            if cancel.is_set:  # closing under a waiting read may surface as the HTTP library's own error
+                return
+            raise
+        finally:
+            closer.cancel()
+            await response.close()  # unfinished: drops the connection, so the server stops
+            if not stats.completion_tokens or stats.completion_tokens < chunks:
+                stats.completion_tokens = chunks
+            log.debug("%s: %d chunks in %.2fs", self.name, chunks, time.perf_counter() - started)
+
+    def _raise_for_status(self, exc: openai.APIStatusError) -> None:
+        status = exc.status_code
+        detail = _error_text(exc)
+        if status >= 500 or status == 429:
+            raise _Retry(f"HTTP {status}: {detail}", down=status in _DOWN_STATUSES) from None
+        if status in (401, 403):
+            raise ModelUnavailable(f"{self.name} refused the key (HTTP {status}); check {self.variable}_API_KEY") from None
+        if status == 404:
+            raise ModelUnavailable(
+                f"{self.name}: HTTP 404 ({detail}); is {self.variable}_MODEL the name the server lists at "
+                f"{self.base_url}/models, and does {self.variable}_BASE_URL end with /v1?"
+            ) from None
+        raise ModelError(f"{self.name} rejected the request: HTTP {status}: {detail}") from None
+
+
+def _error_text(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        message = error.get("message") if isinstance(error, dict) else error
+        return str(message or body)[:300]
+    return str(exc.message)[:300]
+
+
+async def _unless_cancelled(task: asyncio.Future, cancel: Cancel):
+    """The task's result, or None (the task cancelled) once `cancel` is set."""
+    try:
+        while not task.done():
+            if cancel.is_set:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # failing while being cancelled: nobody wants the error
+                    pass
+                return None
+            await asyncio.wait({task}, timeout=CANCEL_POLL)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    return task.result()
+
+
+async def _close_when_cancelled(cancel: Cancel, response) -> None:
+    """Close the stream as soon as `cancel` is set, even while a read is waiting for bytes."""
+    while not cancel.is_set:
+        await asyncio.sleep(CANCEL_POLL)
+    await response.close()
+
+
+async def _sleep_unless(cancel: Cancel, seconds: float) -> bool:
+    """Sleep; True if cancelled meanwhile."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cancel.is_set:
+            return True
+        await asyncio.sleep(min(CANCEL_POLL, max(0.0, deadline - time.monotonic())))
+    return cancel.is_set
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,114 @@
+"""The agent's pure parts: prompt rendering, history, trimming, and the step display."""
+
+from __future__ import annotations
+
+import json
+
+from lagent.schema import ActionReturn, AgentReturn
+
+from bot.agent_feature import TEXTS, StepRenderer
+from bot.i18n import register, t
+from models.agent import fit_history, history_steps, make_protocol, stored_steps, to_chat_messages
+from models.base import ChatMessage
+from models.sandbox import RunResult, SandboxLimits, SandboxUnavailable
+
+register(TEXTS)
+
+
+class Runs:
+    def __init__(self, *runs):
+        self.runs = list(runs)
+
+
+def render(renderer: StepRenderer, *states: AgentReturn) -> str:
+    return "".join(renderer.feed(s) for s in states)
+
+
+def test_tool_messages_carry_internlm2_names_in_the_role():
+    formatted = make_protocol().format(inner_step=[{"role": "user", "content": "hi"}], interpreter_executor=None)
+    assert [m["role"] for m in formatted] == ["system", "user"]
+    messages = to_chat_messages([
+        {"role": "system", "content": "s", "name": "interpreter"},
+        {"role": "environment", "content": "42", "name": "plugin"},
+        {"role": "user", "content": "q"},
+    ])
+    assert [m.role for m in messages] == ["system name=<|interpreter|>", "environment name=<|plugin|>", "user"]
+    assert [m.role for m in to_chat_messages([{"role": "environment", "content": "1", "name": "interpreter"}],
+                                             named_roles=False)] == ["environment"]
+
+
+def test_history_round_trips_the_agents_steps():
+    steps = [{"role": "language", "content": "run"}, {"role": "environment", "content": "1", "name": "interpreter"}]
+    history = [ChatMessage("user", "q1"), ChatMessage("assistant", stored_steps(steps)),
+               ChatMessage("user", "q2"), ChatMessage("assistant", "plain text answer")]
+    assert history_steps(history) == [{"role": "user", "content": "q1"}, *steps, {"role": "user", "content": "q2"},
+                                      {"role": "assistant", "content": "plain text answer"}]
+
+
+def test_fit_history_drops_whole_old_exchanges_first():
+    system = [ChatMessage("system", "s"), ChatMessage("system name=<|interpreter|>", "p")]
+    history = [ChatMessage("user", "a" * 10), ChatMessage("assistant", "b" * 10), ChatMessage("environment", "c" * 10),
+               ChatMessage("user", "d" * 10), ChatMessage("assistant", "e" * 10)]
+    current = [ChatMessage("user", "now")]
+    messages = system + history + current
+
+    def count(ms):
+        return sum(len(m.content) for m in ms)
+
+    assert fit_history(count, 1000, messages, len(history)) == messages
+    assert fit_history(count, count(system + history[3:] + current), messages, len(history)) == system + history[3:] + current
+    assert fit_history(count, 5, messages, len(history)) == system + current
+
+
+def test_the_display_grows_only_and_shows_each_step():
+    command = "```python\nprint(2**100)\n```"
+    renderer = StepRenderer("en", Runs(RunResult("1267\n", 0)), SandboxLimits())
+    streamed = render(
+        renderer,
+        AgentReturn(state=1, response="Let me"),
+        AgentReturn(state=1, response="Let me run it."),
+        AgentReturn(state=6, response={"parameters": {"command": "```python\nprint(2"}}),
+        AgentReturn(state=6, response={"parameters": {"command": "```python\nprint(2**100)\n```"}}),
+        AgentReturn(state=7, response={"parameters": {"command": command}}),
+    )
+    assert streamed == "💭 Let me run it.\n```python\nprint(2**100)\n```\n"
+    action = ActionReturn(args={"command": command}, result=[{"type": "text", "content": "1267"}], thought="Let me run it.")
+    steps = [{"role": "language", "content": "Let me run it."}]
+    streamed += render(renderer, AgentReturn(state=8, actions=[action], inner_steps=steps))
+    assert streamed.endswith(t("agent_output", "en") + "\n```\n1267\n```\n")
+    assert json.loads(renderer.stored())["agent_steps"] == steps
+    streamed += render(renderer, AgentReturn(state=1, response="Do"), AgentReturn(state=0, response="Done.", inner_steps=steps * 2))
+    assert streamed.endswith("```\n\nDone.")
+    assert json.loads(renderer.stored())["agent_steps"] == steps * 2
+
+
+def test_a_long_text_streams_at_once_and_limits_are_explained():
+    renderer = StepRenderer("zh", Runs(RunResult("x" * 3000, None, reason="wall", truncated=True)), SandboxLimits(wall_seconds=5))
+    long = "word " * 40
+    assert render(renderer, AgentReturn(state=1, response=long[:50])) == ""  # maybe a short thought: held
+    assert render(renderer, AgentReturn(state=1, response=long)) == long
+    action = ActionReturn(args={"command": "while True: pass"}, result=[], thought=long)
+    out = render(renderer, AgentReturn(state=8, actions=[action], inner_steps=[]))
+    assert out.startswith("\n```python\nwhile True: pass\n```\n")
+    assert "x" * 1500 + "\n```" in out and "x" * 1501 not in out
+    assert t("agent_stopped_wall", "zh", seconds="5") in out
+
+
+def test_missing_sandbox_and_running_out_of_turns_are_shown():
+    renderer = StepRenderer("en", Runs(SandboxUnavailable("no bwrap")), SandboxLimits())
+    action = ActionReturn(args={"command": "print(1)"}, errmsg="no sandbox", thought="")
+    out = render(renderer, AgentReturn(state=8, actions=[action], inner_steps=[]))
+    assert out.startswith("💭 " + t("agent_running_code", "en") + "\n```python\nprint(1)\n```\n")
+    assert t("agent_sandbox_missing", "en") in out
+    out = render(renderer, AgentReturn(state=0, response={"name": "x"}, actions=[action, action]))
+    assert out.endswith(t("agent_max_turns", "en", n=2))
+
+
+def test_plugin_calls_show_the_query_and_a_short_result():
+    renderer = StepRenderer("en", None, SandboxLimits())
+    action = ActionReturn(args={"query": "InternLM2"}, type="ArxivSearch.get_arxiv_article_information",
+                          result=[{"type": "text", "content": "Title: InternLM2 Technical Report " + "y" * 1000}], thought="Search.")
+    out = render(renderer, AgentReturn(state=1, response="Search."), AgentReturn(state=3, response='{"name"'),
+                 AgentReturn(state=5, actions=[action], inner_steps=[]))
+    assert out.startswith("💭 Search.\n🔎 ArxivSearch.get_arxiv_article_information: InternLM2\n```\nTitle: InternLM2")
+    assert "y" * 500 not in out
