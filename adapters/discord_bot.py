@@ -83,8 +83,10 @@ class DiscordAdapter:
         await self.tree.set_translator(I18nTranslator())
         if not await self._login(token, stop):
             return
-        application_id = self.client.application_id or 0
-        await sync_commands(self.tree, application_id, self.settings.discord_guild_ids, self.settings.data_dir)
+        try:
+            await sync_commands(self.tree, self.client.application_id or 0, self.settings.discord_guild_ids, self.settings.data_dir)
+        except Exception:  # the bot still works with the commands Discord already has
+            log.exception("syncing the slash commands failed; continuing without")
         gateway = asyncio.create_task(self.client.connect(reconnect=True), name="discord-gateway")
         stopper = asyncio.create_task(stop.wait())
         try:
@@ -126,15 +128,16 @@ class DiscordAdapter:
     async def _shutdown(self) -> None:
         """Stop the answers in flight (they end with "⏹ stopped"), then close the connection."""
         self._closing = True
-        for key in set(self._running.values()):
-            self.app.stop(key)
-        tasks = list(self._running)
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late, timeout=5)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while self._running and time.monotonic() < deadline:
+            for key in set(self._running.values()):  # again and again: queued answers start meanwhile
+                self.app.stop(key)
+            await asyncio.wait(list(self._running), timeout=0.1)
+        late = list(self._running)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=5)
         await self.client.close()
         log.info("Discord adapter stopped")
 

@@ -76,13 +76,13 @@ class OwnedButton(discord.ui.DynamicItem[discord.ui.Button], template=r"internlm
         await adapter.on_button(interaction, self.action)
 
 
-def controls(phase: Phase, owner: int, lang: str) -> discord.ui.View | None:
-    """The buttons a write of this phase shows: Stop while it runs, Regenerate when done."""
-    if phase in ("status", "streaming"):
-        action = "stop"
-    elif phase == "done":
-        action = "regen"
-    else:
+def button_for(phase: Phase) -> str | None:
+    """Stop while the answer runs, Regenerate when it is done, nothing otherwise."""
+    return {"status": "stop", "streaming": "stop", "done": "regen"}.get(phase)
+
+
+def controls(action: str | None, owner: int, lang: str) -> discord.ui.View | None:
+    if action is None:
         return None
     view = discord.ui.View(timeout=None)
     view.add_item(OwnedButton(action, owner, lang))
@@ -99,8 +99,7 @@ class Posted:
     kind: str  # "original" | "followup" | "channel"
     message: Any = None  # discord.Message / WebhookMessage (None for the original response)
     header: str = ""  # the persona header this message starts with
-    controls: str | None = None  # the phase whose buttons it shows now
-    shown: str = ""
+    controls: str | None = None  # the button it shows now: "stop", "regen" or None
 
 
 def _translate(exc: discord.HTTPException) -> Exception:
@@ -141,16 +140,15 @@ class _Surface:
 
     async def edit(self, handle: Posted, text: str, *, phase: Phase) -> None:
         content = handle.header + text
-        view = controls(phase, self.owner, self.lang)
-        wanted = phase if view is not None else None
+        wanted = button_for(phase)
         kwargs: dict[str, Any] = {"content": content}
-        if wanted != handle.controls:
-            kwargs["view"] = view
+        if wanted != handle.controls:  # send components only when the button changes
+            kwargs["view"] = controls(wanted, self.owner, self.lang)
         try:
             await self._edit(handle, **kwargs)
         except discord.HTTPException as exc:
             raise _translate(exc) from exc
-        handle.controls, handle.shown = wanted, content
+        handle.controls = wanted
         self.writes += 1
 
     async def typing(self) -> None:
@@ -168,12 +166,12 @@ class _Surface:
 
     async def _post(self, handle: Posted, text: str, phase: Phase) -> Posted:
         content = handle.header + text
-        view = controls(phase, self.owner, self.lang)
+        wanted = button_for(phase)
         try:
-            await self._create(handle, content, view)
+            await self._create(handle, content, controls(wanted, self.owner, self.lang))
         except discord.HTTPException as exc:
             raise _translate(exc) from exc
-        handle.controls, handle.shown = (phase if view is not None else None), content
+        handle.controls = wanted
         self.writes += 1
         return handle
 

@@ -7,7 +7,7 @@ and a second process competing for the CPUs. The prompt is the tiny chat model's
 answer, so every run generates exactly --tokens tokens. Runs alternate (in-process, server) to
 share any drift in machine load; medians are reported.
 
-    .venv/bin/python bench/backends.py [--model PATH] [--tokens 400] [--rounds 5]
+    .venv/bin/python bench/backends.py [--model PATH] [--tokens 400] [--rounds 5] [--device cpu]
 
 Without --model it uses the tiny chat model the tests build (tests/tiny_models.py).
 """
@@ -63,15 +63,15 @@ async def tokens_per_second(backend, tokens: int) -> float:
     return tokens / elapsed
 
 
-async def run(model: str, tokens: int, rounds: int) -> None:
+async def run(model: str, tokens: int, rounds: int, device: str) -> None:
     from models.openai_backend import OpenAIBackend
     from models.transformers_backend import TransformersBackend
 
-    local = TransformersBackend(model, device="cpu")
+    local = TransformersBackend(model, device=device)
     local.load()
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tests.openai_server", "--model", f"bench={model}", "--port", str(port)],
+        [sys.executable, "-m", "tests.openai_server", "--model", f"bench={model}", "--port", str(port), "--device", device],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -85,7 +85,7 @@ async def run(model: str, tokens: int, rounds: int) -> None:
             inproc.append(await tokens_per_second(local, tokens))
             served.append(await tokens_per_second(remote, tokens))
         a, b = statistics.median(inproc), statistics.median(served)
-        print(f"model {model}, {tokens} tokens per run, {rounds} rounds (medians)")
+        print(f"model {model} on {device}, {tokens} tokens per run, {rounds} rounds (medians)")
         print(f"  in-process (TransformersBackend):        {a:7.1f} tokens/s  (runs: {', '.join(f'{x:.0f}' for x in inproc)})")
         print(f"  openai backend → local server over HTTP: {b:7.1f} tokens/s  (runs: {', '.join(f'{x:.0f}' for x in served)})")
         print(f"  ratio served / in-process: {b / a:.2f}   (goal >= 0.9)")
@@ -99,13 +99,14 @@ def main() -> None:
     parser.add_argument("--model", help="a checkpoint directory (default: the tiny chat model)")
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (both paths use the same)")
     args = parser.parse_args()
     model = args.model
     if model is None:
         from tests.tiny_models import chat_model_path
 
         model = str(chat_model_path())
-    asyncio.run(run(model, args.tokens, args.rounds))
+    asyncio.run(run(model, args.tokens, args.rounds, args.device))
 
 
 if __name__ == "__main__":

@@ -234,6 +234,14 @@ class StepRenderer:
         self.steps = list(state.inner_steps)
         self._new_step()
 
+    def flush(self) -> str:
+        """Show text still held back as a possible thought (the turn ended without an END)."""
+        out: list[str] = []
+        if self.language and not self.plain and not self.opened:
+            self._emit(self._gap() + self.language, out)
+            self.plain, self._plain_shown = True, len(self.language)
+        return "".join(out)
+
     def _end(self, state, out: list[str]) -> None:
         if state.inner_steps:
             self.steps = list(state.inner_steps)
@@ -281,6 +289,8 @@ class AgentResponder:
                 if delta:
                     yield delta
         turn.stored_answer = renderer.stored()
+        if tail := renderer.flush():
+            yield tail
 
 
 def sandbox_limits(settings) -> SandboxLimits:

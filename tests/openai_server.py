@@ -324,8 +324,8 @@ def load_backend(path: str, device: str = "cpu"):
     return backend
 
 
-async def _serve(models: dict[str, str], port: int, api_key: str) -> None:
-    backends = {name: load_backend(path) for name, path in models.items()}
+async def _serve(models: dict[str, str], port: int, api_key: str, device: str) -> None:
+    backends = {name: load_backend(path, device) for name, path in models.items()}
     async with OpenAICompatibleServer(backends, api_key=api_key, port=port) as server:
         print(f"serving {', '.join(backends)} at {server.base_url}", flush=True)
         await asyncio.Event().wait()
@@ -336,9 +336,10 @@ if __name__ == "__main__":
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH")
     parser.add_argument("--port", type=int, default=23333)
     parser.add_argument("--api-key", default="")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     try:
-        asyncio.run(_serve(dict(m.split("=", 1) for m in args.model), args.port, args.api_key))
+        asyncio.run(_serve(dict(m.split("=", 1) for m in args.model), args.port, args.api_key, args.device))
     except KeyboardInterrupt:
         pass

@@ -112,3 +112,37 @@ def test_plugin_calls_show_the_query_and_a_short_result():
                  AgentReturn(state=5, actions=[action], inner_steps=[]))
     assert out.startswith("💭 Search.\n🔎 ArxivSearch.get_arxiv_article_information: InternLM2\n```\nTitle: InternLM2")
     assert "y" * 500 not in out
+
+
+def test_arxiv_is_offered_to_the_model_only_when_configured():
+    import asyncio
+
+    from models.agent import StepContext, build_turn
+    from models.base import Cancel, GenerationParams
+    from models.registry import RoleSpec, ScheduledModel
+    from models.sandbox import Sandbox
+
+    model = ScheduledModel(RoleSpec(role="agent", model="unused"))
+    loop = asyncio.new_event_loop()
+    try:
+        context = StepContext(loop=loop, cancel=Cancel(), tenant="t")
+        for tools, plugin in ((("python",), False), (("python", "arxiv"), True)):
+            turn = build_turn(model, GenerationParams(), context, sandbox=Sandbox(), tools=tools)
+            agent = turn.agent
+            prompt = agent._protocol.format(inner_step=[{"role": "user", "content": "q"}],
+                                            plugin_executor=agent._action_executor,
+                                            interpreter_executor=agent._interpreter_executor)
+            names = [m.get("name") for m in prompt]
+            assert names[:2] == [None, "interpreter"]
+            assert ("plugin" in names) is plugin
+            if plugin:
+                assert "ArxivSearch.get_arxiv_article_information" in prompt[-2]["content"]
+    finally:
+        loop.close()
+
+
+def test_text_held_as_a_possible_thought_is_shown_when_the_turn_stops():
+    renderer = StepRenderer("en", None, SandboxLimits())
+    assert render(renderer, AgentReturn(state=1, response="tick\ntick\n")) == ""
+    assert renderer.flush() == "tick\ntick\n"
+    assert renderer.flush() == ""

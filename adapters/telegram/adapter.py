@@ -31,6 +31,7 @@ from .surface import REGENERATE, STOP, Pacer, TelegramSurface
 log = logging.getLogger(__name__)
 
 UPDATES = ["message", "callback_query"]
+TOKEN_LOGGERS = ("telegram.Bot", "telegram.ext.ExtBot")  # they log "Set Bot API URL: …/bot<token>"
 STOP_WAIT = 10.0  # seconds for stopped answers to close before they are cancelled
 MENU_LANGUAGES = (("en", None), ("zh", "zh"))  # (our language, Telegram's language_code)
 _COMMAND_NAME = re.compile(r"[a-z0-9_]{1,32}")
@@ -99,6 +100,16 @@ class TelegramAdapter:
     # -- running ---------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         _quiet_libraries()
+        hide_token = _HideToken(self.settings.telegram_bot_token.get_secret_value())
+        for name in TOKEN_LOGGERS:
+            logging.getLogger(name).addFilter(hide_token)
+        try:
+            await self._serve(stop)
+        finally:
+            for name in TOKEN_LOGGERS:
+                logging.getLogger(name).removeFilter(hide_token)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         application = self.application = self.build()
         try:
             await application.initialize()  # getMe
@@ -231,6 +242,21 @@ class TelegramAdapter:
     @staticmethod
     def _polling_error(error: TelegramError) -> None:
         log.warning("telegram: fetching updates failed (%s); retrying", error)
+
+
+class _HideToken(logging.Filter):
+    """python-telegram-bot logs its API URLs (which contain the token) at DEBUG."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.token:
+            message = record.getMessage()
+            if self.token in message:
+                record.msg, record.args = message.replace(self.token, "***"), None
+        return True
 
 
 def _quiet_libraries() -> None:
