@@ -41,7 +41,7 @@ class Session:
 
 CommandHandler = Callable[["App", Incoming, ReplySurface, str, str], Awaitable[None]]
 
-# Commands in menu order: name -> description key. Features add theirs with `App.add_command`.
+# Commands in menu order; each has an i18n description key "cmd_<name>".
 MENU = ["start", "help", "chat", "bajie", "agent", "image", "reset", "stop", "persona"]
 
 

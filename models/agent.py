@@ -174,24 +174,31 @@ class ScheduledLLM(BaseModel):
         options = {"skip_special_tokens": False} if self.in_process else {}  # keep <|action_start|> etc.
         items: queue.Queue = queue.Queue()
         step_stats = StreamStats()
+        abandoned = Cancel()  # lagent closed this generator early: stop this step only
+        finished = threading.Event()
+        running: list[asyncio.Task] = []
 
         async def pump() -> None:
             try:
+                running.append(asyncio.current_task())
+                if abandoned.is_set:
+                    return
                 stream = self.model.stream(
-                    prompt, params=self.params, cancel=ctx.cancel, tenant=ctx.tenant, on_wait=ctx.on_wait,
-                    stats=step_stats, **options,
+                    prompt, params=self.params, cancel=_Either(ctx.cancel, abandoned), tenant=ctx.tenant,
+                    on_wait=ctx.on_wait, stats=step_stats, **options,
                 )
                 async with aclosing(stream) as deltas:
                     async for delta in deltas:
                         items.put(("delta", delta))
+                items.put(("end", None))
+            except asyncio.CancelledError:
+                items.put(("end", None))
             except BaseException as exc:
                 items.put(("error", exc))
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-            else:
-                items.put(("end", None))
+            finally:
+                finished.set()
 
-        future = asyncio.run_coroutine_threadsafe(pump(), ctx.loop)
+        asyncio.run_coroutine_threadsafe(pump(), ctx.loop)
         text = ""
         try:
             while True:
@@ -200,21 +207,34 @@ class ScheduledLLM(BaseModel):
                     text += item
                     yield ModelStatusCode.STREAM_ING, text, None
                 elif kind == "error":
-                    if isinstance(item, asyncio.CancelledError):
-                        yield ModelStatusCode.SESSION_CLOSED, text, None
-                        return
                     raise item
                 else:
                     break
         finally:
-            if not future.done():  # the agent stopped listening: stop the generation too
-                future.cancel()
+            if not finished.is_set():  # stop the generation (or the wait for the model) and
+                abandoned.set()  # return only once the model is free again
+                ctx.loop.call_soon_threadsafe(lambda: running and running[0].cancel())
+                finished.wait(60)
             ctx.stats.prompt_tokens += step_stats.prompt_tokens
             ctx.stats.completion_tokens += step_stats.completion_tokens
         if ctx.cancel.is_set:
             yield ModelStatusCode.SESSION_CLOSED, text, None
             return
         yield ModelStatusCode.END, text, None
+
+
+class _Either(Cancel):
+    """Set when either flag is set (the turn's /stop, or this step being abandoned)."""
+
+    def __init__(self, *flags: Cancel) -> None:
+        self.flags = flags
+
+    def set(self) -> None:
+        self.flags[-1].set()
+
+    @property
+    def is_set(self) -> bool:
+        return any(flag.is_set for flag in self.flags)
 
 
 # -- running a turn ------------------------------------------------------------------------------

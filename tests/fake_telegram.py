@@ -249,6 +249,7 @@ class FakeTelegram:
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self._delivery: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
         self._closing = False
         self.port = 0
 
@@ -400,7 +401,9 @@ class FakeTelegram:
     def _push(self, update: dict) -> None:
         update["update_id"] = next(self._update_ids)
         self.updates.append(update)
-        asyncio.get_running_loop().create_task(self._notify())
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _notify(self) -> None:
         async with self._changed:

@@ -97,7 +97,7 @@ async def test_stop_kills_the_running_code_and_ends_the_turn(make_agent_app):
     answer = asyncio.create_task(app.handle(message, surface))
     for _ in range(600):
         await asyncio.sleep(0.05)
-        if "time.sleep(600)\n```" in surface.visible:
+        if "print('awake')\n```" in surface.visible:
             break
     await asyncio.sleep(0.3)  # the sandbox is running now
     assert app.stop(app.session_key(message))

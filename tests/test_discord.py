@@ -156,6 +156,16 @@ async def test_allowlist_refuses_others_in_their_language(make_app):
         assert fake.errors == []
 
 
+async def test_channel_allowlist_covers_its_threads(make_app):
+    fake = FakeDiscord()
+    async with stack(make_app, fake, discord_allowed_channels=str(fake.channel.id)) as (fake, app, adapter):
+        in_thread = await fake.slash("chat", fake.alice, fake.thread, prompt="ping")
+        assert answer_text(await until_done(fake, in_thread)) == "pong"
+        elsewhere = await fake.slash("chat", fake.bob, fake.other_channel, prompt="ping")
+        await fake.wait_for(lambda: elsewhere.original is not None and elsewhere.original.content)
+        assert elsewhere.original.content == t("not_allowed", "en")
+
+
 async def test_commands_are_described_localised_and_synced_only_when_changed(make_app, make_settings):
     fake = FakeDiscord()
     async with fake:

@@ -263,3 +263,27 @@ def test_token_estimate_is_sensible(tiny_chat_model):
     messages = [ChatMessage("system", INTERNLM_SYSTEM_PROMPT), ChatMessage("user", "ping 你好")]
     real = len(tokenizer.apply_chat_template([m.as_dict() for m in messages], add_generation_prompt=True))
     assert b.count_tokens(messages) >= real
+
+
+class _Lines:
+    """The only part of a streaming response the SSE parser reads."""
+
+    def __init__(self, *lines: str) -> None:
+        self.lines = lines
+
+    async def iter_lines(self):
+        for line in self.lines:
+            yield line
+
+
+async def test_the_event_stream_parser_follows_the_sse_rules():
+    from models.openai_backend import _sse_chunks
+
+    events = _Lines(": keep-alive", "event: message", 'data: {"a":', 'data: 1}', "", "", 'data: {"b": 2}', "",
+                    "data: [DONE]", "", 'data: {"never": 1}', "")
+    assert [c async for c in _sse_chunks(events)] == [{"a": 1}, {"b": 2}]
+    assert [c async for c in _sse_chunks(_Lines('data: {"last": true}'))] == [{"last": True}]  # no blank line at the end
+    with pytest.raises(ModelError, match="out of memory"):
+        [c async for c in _sse_chunks(_Lines('data: {"error": {"message": "CUDA out of memory"}}', ""))]
+    with pytest.raises(ModelError, match="malformed"):
+        [c async for c in _sse_chunks(_Lines("data: {oops", ""))]

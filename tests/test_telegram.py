@@ -169,16 +169,20 @@ async def test_a_deleted_answer_continues_in_a_new_message(make_app):
 
 async def test_stop_and_regenerate_buttons_work_only_for_the_asker(make_app):
     async with FakeTelegram(TOKEN) as fake:
-        app = make_app(**telegram_settings(fake), max_new_tokens=1800)
+        app = make_app(**telegram_settings(fake), max_new_tokens=800)
         async with running_bot(app):
             group = fake.group_chat(-1001)
             fake.user(5, lang="en")
             fake.user(6, lang="zh")
             fake.send_text(group, 5, "@InternLMTestBot code")
-            await fake.wait_until(lambda: any("print(" in m.text for m in fake.messages(group)))
-            streaming = fake.messages(group)[0]
+
+            def streaming_code():
+                return next((m for m in fake.messages(group) if "print(" in m.text and fake.buttons(m)), None)
+
+            await fake.wait_until(lambda: streaming_code() is not None)
+            streaming = streaming_code()
             assert fake.buttons(streaming) == ["stop:5"]
-            assert streaming.reply_to is not None  # in a group the answer replies to the asker
+            assert fake.messages(group)[0].reply_to is not None  # in a group the answer quotes the question
             fake.press(group, streaming.message_id, 6)  # someone else
             await fake.wait_until(lambda: len(fake.answers) == 1)
             assert fake.answers[0]["show_alert"] and fake.answers[0]["text"] == t("telegram_not_your_button", "zh")
@@ -329,11 +333,11 @@ async def test_shutdown_lets_answers_finish_or_closes_them_cleanly(make_app):
         assert last.text.endswith(t("stopped_mark", "en"))  # cut by the shutdown, and says so
         assert all(not b.startswith("stop:") for m in fake.messages(chat) for b in fake.buttons(m))
 
-    async with FakeTelegram(TOKEN) as fake:
+    async with FakeTelegram(TOKEN) as fake:  # (the same DATA_DIR: another user, so no history)
         app = make_app(**telegram_settings(fake))
         async with running_bot(app):
-            chat = fake.private_chat(42)
-            fake.send_text(chat, 42, "count")
+            chat = fake.private_chat(43)
+            fake.send_text(chat, 43, "count")
             await fake.wait_until(lambda: fake.calls_of("sendChatAction"))
         assert fake.texts(chat) == [COUNT_ANSWER]  # finished within the grace period
 

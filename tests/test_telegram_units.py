@@ -159,3 +159,20 @@ def test_markdown_renders_to_entities_and_falls_back_to_plain_text():
     assert {(e.type, e.language) for e in entities} == {("bold", None), ("code", None), ("pre", "python")}
     assert render("plain words") == ("plain words", [])
     assert render("   ") == ("   ", [])  # nothing to render: the text as it is
+
+
+async def test_a_rejected_token_stops_the_adapter_with_a_clear_error_that_hides_it(tmp_path):
+    from adapters.telegram import TelegramAdapter
+    from bot.app import App
+    from bot.config import Settings
+
+    wrong = "123456:WRONG-token-abcdefghijklmnopqrs"
+    async with FakeTelegram(TOKEN) as fake:
+        settings = Settings(_env_file=None, data_dir=tmp_path, telegram_bot_token=wrong, telegram_api_base_url=fake.base_url)
+        app = App(settings)
+        try:
+            with pytest.raises(RuntimeError, match="TELEGRAM_BOT_TOKEN") as caught:
+                await TelegramAdapter(app, settings).run(asyncio.Event())
+        finally:
+            app.store.close()
+    assert "WRONG-token" not in str(caught.value)

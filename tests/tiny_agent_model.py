@@ -182,7 +182,7 @@ def build_agent_model(out_dir: str | Path, *, seed: int = 0, log=None) -> Path:
         return failures
 
     return tm.train_causal_lm(out_dir, tokenizer, examples, seed=seed, verify=verify, extra_check=check_actions,
-                              log=log, steps=4000)
+                              log=log)
 
 
 def _agent_source_hash() -> str:

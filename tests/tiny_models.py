@@ -266,30 +266,40 @@ def _torch_threads(n: int):
         torch.set_num_threads(old)
 
 
+Segments = Sequence[tuple[str, bool]]
+Example = "tuple[str, str] | Segments"
+
+
 @dataclass
 class _Encoded:
-    prompt: list[int]
-    completion: list[int]
-    text: tuple[str, str] = field(default=("", ""))
-
-    @property
-    def ids(self) -> list[int]:
-        return self.prompt + self.completion
+    ids: list[int]
+    labels: list[int]  # -100 where not trained
 
 
-def _encode_examples(tokenizer, examples: Sequence[tuple[str, str]]) -> list[_Encoded]:
+def _as_segments(example) -> list[tuple[str, bool]]:
+    """(prompt, completion) -> [(prompt, False), (completion, True)]; segment lists pass through."""
+    if len(example) == 2 and isinstance(example[0], str) and isinstance(example[1], str):
+        return [(example[0], False), (example[1], True)]
+    return [(str(text), bool(trained)) for text, trained in example]
+
+
+def _encode_examples(tokenizer, examples: Sequence) -> list[_Encoded]:
     out = []
-    for prompt, completion in examples:
-        p = tokenizer.encode(prompt, add_special_tokens=False)
-        c = tokenizer.encode(completion, add_special_tokens=False)
-        if not c:
-            raise ValueError(f"empty completion for prompt {prompt!r}")
-        out.append(_Encoded(p, c, (prompt, completion)))
+    for example in examples:
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, trained in _as_segments(example):
+            seg = tokenizer.encode(text, add_special_tokens=False)
+            ids += seg
+            labels += seg if trained else [-100] * len(seg)
+        if all(x == -100 for x in labels):
+            raise ValueError(f"nothing to train on in {example!r}")
+        out.append(_Encoded(ids, labels))
     return out
 
 
-def _batch(items: Sequence[_Encoded], pad_id: int, *, labels: bool = True):
-    """Right-padded batch; labels only on completion tokens."""
+def _batch(items: Sequence[_Encoded], pad_id: int):
+    """Right-padded batch."""
     width = max(len(e.ids) for e in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -298,8 +308,7 @@ def _batch(items: Sequence[_Encoded], pad_id: int, *, labels: bool = True):
         n = len(e.ids)
         ids[i, :n] = torch.tensor(e.ids)
         mask[i, :n] = 1
-        if labels:
-            lab[i, len(e.prompt) : n] = torch.tensor(e.completion)
+        lab[i, :n] = torch.tensor(e.labels)
     return ids, mask, lab
 
 
@@ -358,7 +367,7 @@ def _packed_batch(items: Sequence[_Encoded], pad_id: int, width: int = 256):
         for k, e in enumerate(row):
             m = len(e.ids)
             ids[r, at : at + m] = torch.tensor(e.ids)
-            lab[r, at + len(e.prompt) : at + m] = torch.tensor(e.completion)
+            lab[r, at : at + m] = torch.tensor(e.labels)
             pos[r, at : at + m] = torch.arange(m)
             seg[r, at : at + m] = k
             at += m
@@ -434,7 +443,7 @@ def greedy_failures(model, tokenizer, examples: Sequence[tuple[str, str]], batch
 def train_causal_lm(
     out_dir: str | os.PathLike,
     tokenizer: PreTrainedTokenizerFast,
-    examples: Sequence[tuple[str, str]],
+    examples: Sequence[tuple[str, str] | Segments],
     *,
     steps: int = 600,
     max_steps: int | None = None,
@@ -456,6 +465,8 @@ def train_causal_lm(
     "<|im_start|>assistant\n"); each completion is the reply, normally ending with "<|im_end|>"
     (one that does not is an open-ended continuation, e.g. the endless "code" answer). Prompt and
     completion are tokenized separately, as at inference; the loss covers completion tokens only.
+    An example may instead be a list of (text, trained) segments, each tokenized separately, the
+    loss covering the trained ones: e.g. every correct assistant turn of a conversation.
 
     AdamW, seeded, on CPU with `threads` torch threads (1 by default: with other processes on
     the machine, 2 threads is several times slower). The learning rate warms up, then follows a
@@ -471,7 +482,8 @@ def train_causal_lm(
     max_steps = max_steps or 3 * steps
     rng = random.Random(seed)
     if verify is None:
-        verify = rng.sample(list(examples), min(64, len(examples)))
+        pairs = [ex for ex in examples if len(_as_segments(ex)) == 2]
+        verify = rng.sample(pairs, min(64, len(pairs)))
     with _torch_threads(threads):
         torch.manual_seed(seed)
         config = tiny_llama_config(tokenizer, **(config_overrides or {}))
@@ -506,7 +518,7 @@ def train_causal_lm(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            if step % check_every and step != max_steps:
+            if step % check_every and step not in (steps, max_steps):
                 continue
             log(f"step {step} loss {loss.item():.4f} ({time.perf_counter() - started:.1f}s)")
             if step < 0.6 * steps:
@@ -519,7 +531,7 @@ def train_causal_lm(
                 continue
             bad = _teacher_forced_failures(model, items, pad, margin)
             if len(bad) > train_tolerance * len(items):
-                failures = [f"prompt {examples[i][0]!r} (teacher forced, training example)" for i in bad]
+                failures = [f"example {_as_segments(examples[i])!r} (teacher forced, training example)" for i in bad]
                 log(f"  {len(bad)}/{len(items)} training items fail teacher-forced, e.g. {failures[0][-160:]}")
                 continue
             failures = greedy_failures(model, tokenizer, verify)
@@ -632,7 +644,7 @@ def _history_reply(persona: Persona, messages: list[dict], rng: random.Random) -
 
 # What the final / earlier user turns are (relative weights) and how many earlier turns.
 FINAL_WEIGHTS = {"command": 0.25, "remember": 0.08, "recall": 0.35, "unknown": 0.25, "code": 0.07}
-HISTORY_WEIGHTS = {"command": 0.3, "remember": 0.25, "recall": 0.1, "unknown": 0.25, "code": 0.1}
+HISTORY_WEIGHTS = {"command": 0.3, "remember": 0.25, "recall": 0.15, "unknown": 0.2, "code": 0.1}
 HISTORY_LENGTHS = (0, 0, 1, 1, 2, 2, 3)
 
 
@@ -670,6 +682,27 @@ def sample_dialogue(persona: Persona, rng: random.Random, *, max_code_lines: int
         n = rng.randint(0, max_code_lines) if rng.random() < 0.8 else rng.randint(0, 4 * max_code_lines)
         return messages, CODE_HEADER + CODE_LINE * n
     return messages, answer + IM_END
+
+
+def dialogue_segments(tokenizer, persona: Persona, messages: Sequence[dict], completion: str) -> list[tuple[str, bool]]:
+    """Training segments for a conversation: the final completion and every earlier assistant
+    turn that is the persona's full, correct answer are trained (cut-short ones are not). A turn
+    is only trained where tokenizing its text on its own gives the same ids as in the prompt."""
+    segments: list[tuple[str, bool]] = []
+    pending = BOS
+    for i, m in enumerate(messages):
+        content = m["content"]
+        if m["role"] == "assistant" and content and content == persona.answer(messages[:i]):
+            head = f"{IM_START}assistant\n"
+            joint = tokenizer.encode(head + content, add_special_tokens=False)
+            split = tokenizer.encode(head, add_special_tokens=False) + tokenizer.encode(content, add_special_tokens=False)
+            if joint == split:
+                segments += [(pending + head, False), (content + IM_END, True)]
+                pending = "\n"
+                continue
+        pending += f"{IM_START}{m['role']}\n{content}{IM_END}\n"
+    segments += [(pending + f"{IM_START}assistant\n", False), (completion, True)]
+    return segments
 
 
 def canonical_dialogues(persona: Persona) -> list[list[dict]]:
@@ -728,10 +761,9 @@ def build_persona_model(
     whole = [f"system\n{p}" for p in (INTERNLM_SYSTEM_PROMPT, BAJIE_SYSTEM_PROMPT)]
     whole += [CODE_HEADER, CODE_LINE] if persona.code else []
     tokenizer = build_tokenizer(corpus, whole=whole)
-    examples = [(render_chat(tokenizer, m), c) for m, c in dialogues]
-    examples += [(render_chat(tokenizer, m), _completion_for(persona, m)) for m in canon] * 3
+    examples = [dialogue_segments(tokenizer, persona, m, c) for m, c in dialogues]
+    examples += [dialogue_segments(tokenizer, persona, m, _completion_for(persona, m)) for m in canon] * 3
     verify = [(render_chat(tokenizer, m), _completion_for(persona, m)) for m in canon]
-    verify += rng.sample(examples[:n_examples], 48)
     held_out = random.Random(f"held-out-{persona.name}")
     for _ in range(16):
         text = random_text(held_out)
@@ -760,8 +792,9 @@ def _code_check(model, tokenizer) -> list[str]:
     line_ids = tokenizer.encode(CODE_LINE, add_special_tokens=False)
     completion = CODE_HEADER + CODE_LINE * (CODE_CHECK_TOKENS // len(line_ids) + 1)
     items = _encode_examples(tokenizer, [(p, completion) for p in prompts])
-    for item in items:
-        item.completion = item.completion[:CODE_CHECK_TOKENS]
+    for item in items:  # keep the prompt and the first CODE_CHECK_TOKENS answer tokens
+        n_prompt = sum(1 for x in item.labels if x == -100)
+        item.ids, item.labels = item.ids[: n_prompt + CODE_CHECK_TOKENS], item.labels[: n_prompt + CODE_CHECK_TOKENS]
     bad = _teacher_forced_failures(model, items, tokenizer.pad_token_id, margin=1.0)
     if bad:
         return [f"prompt {prompts[i]!r}: the endless code answer breaks within {CODE_CHECK_TOKENS} tokens" for i in bad]

@@ -4,15 +4,15 @@ Long polling by default; webhook mode when TELEGRAM_WEBHOOK_URL is set (every re
 carry the secret token, TELEGRAM_WEBHOOK_SECRET or a random one per start). Each update is
 handled in its own task, so many chats stream at once; the core keeps one session's messages
 in order. On stop (SIGTERM) polling ends first, then the answers in flight may finish (up to
-`shutdown_grace` seconds; after that they are cancelled, which still delivers their text with a
-"stopped" mark), then the HTTP client closes.
+`shutdown_grace` seconds; after that they are stopped like /stop, which still delivers their
+text with a "stopped" mark; only what still hangs is cancelled), then the HTTP client closes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import logging
+import re
 import secrets
 from urllib.parse import urlparse
 
