@@ -35,23 +35,35 @@ from bot.config import Settings  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 
-def random_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int) -> Path:
+# InternLM2-Chat-1.8B's shape: 24 layers, hidden 2048, 16 query / 8 key-value heads, FFN 8192.
+INTERNLM2_1_8B = dict(hidden=2048, layers=24, heads=16, kv_heads=8, intermediate=8192)
+
+
+def bench_tokenizer(out: Path) -> Path:
+    """The test tokenizer (InternLM2 special tokens and chat template), trained in a second."""
+    corpus = [tiny_models.INTERNLM_SYSTEM_PROMPT, tiny_models.CODE_HEADER, tiny_models.CODE_LINE * 3, "ping pong"]
+    tiny_models.build_tokenizer(corpus, whole=corpus).save_pretrained(out)
+    return out
+
+
+def random_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int, heads: int = 0, kv_heads: int = 0, intermediate: int = 0) -> tuple[Path, int]:
     """A Llama with random weights and the tiny tokenizer; end-of-turn logits suppressed so
-    every run produces exactly the requested number of tokens."""
+    every greedy run produces exactly the requested number of tokens."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or hidden * 11 // 4,
+        num_hidden_layers=layers, num_attention_heads=heads or hidden // 64, num_key_value_heads=kv_heads or heads or hidden // 64,
         max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
-    with torch.no_grad():
+    with torch.no_grad():  # a zero row gives logit 0; the best of thousands of random logits is > 0
         for token in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
-            model.lm_head.weight[token] = -model.lm_head.weight.abs().max()
-    model.save_pretrained(out)
+            model.lm_head.weight[token] = 0.0
+    params = sum(p.numel() for p in model.parameters())
+    model.to(torch.bfloat16).save_pretrained(out)  # half the bytes to write; loads in any dtype
     tokenizer.save_pretrained(out)
-    return out
+    return out, params
 
 
 def raw_run(backend, prompt_ids: list[int], tokens: int) -> tuple[float, float]:
@@ -71,7 +83,7 @@ def raw_run(backend, prompt_ids: list[int], tokens: int) -> tuple[float, float]:
         def end(self):
             pass
 
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=backend.device)
     started = time.perf_counter()
     with torch.inference_mode():
         out = backend.model.generate(
@@ -104,9 +116,9 @@ class _FirstWrite(io.TextIOBase):
         return len(text)
 
 
-def bench_model(label: str, path: Path, tokens: int, repeats: int, data_dir: Path) -> dict:
+def bench_model(label: str, path: Path, tokens: int, repeats: int, data_dir: Path, device: str = "cpu", dtype: str = "auto") -> dict:
     settings = Settings(
-        _env_file=None, chat_model=str(path), data_dir=data_dir, device="cpu", temperature=0.0,
+        _env_file=None, chat_model=str(path), data_dir=data_dir, device=device, dtype=dtype, temperature=0.0,
         max_new_tokens=tokens, max_context_tokens=4096, rate_limit_messages=1000,
     )
     app = App(settings)
@@ -146,16 +158,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=1024, help="random model width")
     parser.add_argument("--layers", type=int, default=6, help="random model depth")
+    parser.add_argument("--internlm2-1.8b", dest="internlm2", action="store_true", help="random model of InternLM2-1.8B's shape")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    parser.add_argument("--skip-tiny", action="store_true", help="only the random model (no tiny-model training)")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    tiny = tiny_models.chat_model_path()
+    if args.device == "cpu":
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows.append(bench_model("tiny test model", tiny, args.tokens, args.repeats, Path(tmp) / "d1"))
-        big = random_model(tiny, Path(tmp) / "random", args.hidden, args.layers)
-        params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(big).parameters()) / 1e6
-        rows.append(bench_model(f"random Llama {params:.0f}M", big, args.tokens, args.repeats, Path(tmp) / "d2"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, median of {args.repeats}")
+        if args.skip_tiny:
+            tokenizer_dir = bench_tokenizer(Path(tmp) / "tokenizer")
+        else:
+            tokenizer_dir = tiny_models.chat_model_path()
+            rows.append(bench_model("tiny test model", tokenizer_dir, args.tokens, args.repeats, Path(tmp) / "d1", args.device, args.dtype))
+        shape = INTERNLM2_1_8B if args.internlm2 else dict(hidden=args.hidden, layers=args.layers)
+        big, params = random_model(tokenizer_dir, Path(tmp) / "random", **shape)
+        label = f"random Llama {params / 1e6:.0f}M" + (" (InternLM2-1.8B shape)" if args.internlm2 else "")
+        rows.append(bench_model(label, big, args.tokens, args.repeats, Path(tmp) / "d2", args.device, args.dtype))
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, dtype {args.dtype}, {args.tokens} tokens, median of {args.repeats}")
     header = list(rows[0])
     print(" | ".join(header))
     for row in rows:

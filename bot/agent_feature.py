@@ -17,7 +17,7 @@ from typing import AsyncIterator
 from models.agent import StepContext, build_turn, history_steps, make_protocol, run_agent, stored_steps
 from models.agent_tools import SandboxedPython
 from models.base import GenerationParams
-from models.sandbox import RunResult, Sandbox, SandboxLimits, SandboxUnavailable, strip_code_fences
+from models.sandbox import RunResult, Sandbox, SandboxLimits, SandboxUnavailable
 
 from .app import App
 from .i18n import register, t

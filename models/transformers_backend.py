@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from contextlib import aclosing
@@ -19,6 +20,7 @@ from .devices import describe_memory, pick_device, pick_dtype
 log = logging.getLogger(__name__)
 
 _END = object()
+SWITCH_INTERVAL = 0.001  # seconds; CPython's default is 0.005
 END_OF_TURN_TOKENS = ("<|im_end|>",)
 
 
@@ -57,13 +59,38 @@ class IncrementalDecoder:
         return ""
 
 
-class _AsyncStreamer:
-    """A transformers streamer whose `put` hands decoded deltas to an asyncio queue."""
+class _Mailbox:
+    """Hands deltas from the generating thread to the event loop with at most one pending
+    wake-up: when the loop is busy, deltas pile up and are taken together, so the worker
+    and the loop do not trade the GIL once per token."""
 
-    def __init__(self, decoder: IncrementalDecoder, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        self.decoder = decoder
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue = queue
+        self.lock = threading.Lock()
+        self.items: list = []
+        self.ready = asyncio.Event()
+
+    def put(self, item) -> None:  # worker thread
+        with self.lock:
+            self.items.append(item)
+            wake = len(self.items) == 1
+        if wake:
+            self.loop.call_soon_threadsafe(self.ready.set)
+
+    async def take(self) -> list:  # event loop
+        await self.ready.wait()
+        with self.lock:
+            items, self.items = self.items, []
+            self.ready.clear()
+        return items
+
+
+class _AsyncStreamer:
+    """A transformers streamer whose `put` decodes new tokens and posts the text delta."""
+
+    def __init__(self, decoder: IncrementalDecoder, mailbox: _Mailbox) -> None:
+        self.decoder = decoder
+        self.mailbox = mailbox
         self.prompt_seen = False
         self.tokens = 0
 
@@ -75,7 +102,7 @@ class _AsyncStreamer:
         self.tokens += len(ids)
         delta = self.decoder.push(ids)
         if delta:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+            self.mailbox.put(delta)
 
     def end(self) -> None:
         pass
@@ -97,6 +124,9 @@ class TransformersBackend:
 
     # -- loading -------------------------------------------------------------------------
     def load(self) -> None:
+        # generate() holds the GIL between kernel launches; a short switch interval lets the
+        # event loop (streaming edits, other users' commands) in without stalling the worker.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         started = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained(self.path, trust_remote_code=True, torch_dtype=self.dtype)
@@ -196,9 +226,9 @@ async def stream_from_thread(
     `generate`; any backend whose generation takes those (plain causal LMs, LLaVA-style VLMs,
     XComposer2's remote `chat`) shares this cancellation and stop-string handling."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    mailbox = _Mailbox(loop)
     decoder = IncrementalDecoder(tokenizer, skip_special_tokens, set(eos_ids))
-    streamer = _AsyncStreamer(decoder, loop, queue)
+    streamer = _AsyncStreamer(decoder, mailbox)
     finished = loop.create_future()
     consumer_gone = Cancel()
     bridge = dict(streamer=streamer, stopping_criteria=StoppingCriteriaList([_CancelCriterion(cancel, consumer_gone)]))
@@ -210,7 +240,7 @@ async def stream_from_thread(
                 generate(bridge)
         except BaseException as exc:  # reported to the consumer, never lost in the thread
             error = exc
-        loop.call_soon_threadsafe(queue.put_nowait, error if error else _END)
+        mailbox.put(error if error else _END)
         loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
 
     worker = threading.Thread(target=work, name=f"generate:{name}", daemon=True)
@@ -219,21 +249,23 @@ async def stream_from_thread(
     worker.start()
     text = ""
     try:
-        while True:
-            item = await queue.get()
-            if item is _END:
-                break
-            if isinstance(item, BaseException):
-                log.error("generation failed in %s: %r", name, item)
-                raise ModelError(str(item)) from item
-            text += item
+        done = False
+        while not done:
+            items = await mailbox.take()
+            if isinstance(items[-1], BaseException):
+                log.error("generation failed in %s: %r", name, items[-1])
+                if len(items) > 1:
+                    yield "".join(items[:-1])
+                raise ModelError(str(items[-1])) from items[-1]
+            done = items[-1] is _END
+            delta = "".join(items[:-1] if done else items)
+            text += delta
             hit = _first_stop(text, params.stop)
             if hit is not None:
-                delta = item[: max(0, len(item) - (len(text) - hit))]
-                if delta:
-                    yield delta
-                break
-            yield item
+                delta = delta[: max(0, len(delta) - (len(text) - hit))]
+                done = True
+            if delta:
+                yield delta
     finally:
         # Runs on normal end, on a stop string, and when the consumer is cancelled:
         # the model is free only once the worker has really returned.

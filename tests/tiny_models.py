@@ -445,13 +445,16 @@ def train_causal_lm(
     tokenizer: PreTrainedTokenizerFast,
     examples: Sequence[tuple[str, str] | Segments],
     *,
-    steps: int = 600,
+    steps: int = 800,
+    anneal_steps: int = 200,
     max_steps: int | None = None,
     seed: int = 0,
     verify: Sequence[tuple[str, str]] | None = None,
     extra_check: Callable[[LlamaForCausalLM, PreTrainedTokenizerFast], list[str]] | None = None,
     batch_size: int = 32,
     lr: float = 1e-2,
+    ready: float = 0.95,
+    probe_every: int = 25,
     check_every: int = 100,
     margin: float = 1.0,
     train_tolerance: float = 0.0,
@@ -469,17 +472,19 @@ def train_causal_lm(
     loss covering the trained ones: e.g. every correct assistant turn of a conversation.
 
     AdamW, seeded, on CPU with `threads` torch threads (1 by default: with other processes on
-    the machine, 2 threads is several times slower). The learning rate warms up, then follows a
-    cosine down to 5% at `steps`; training goes on at that rate up to `max_steps` (default
-    3 * steps) until it passes: every example (and every `verify` pair) reproduced under teacher
-    forcing with a logit margin (all but a `train_tolerance` fraction of the examples: the
-    hard tail of random augmentations), greedy decoding reproducing every `verify` pair
-    (default: a sample of the examples) and `extra_check` (returns failure messages) passing. Checks run
-    every `check_every` steps from 60% of `steps`. Raises RuntimeError naming a failing prompt
-    if training never passes."""
+    the machine, 2 threads is several times slower), batches of `batch_size` examples packed
+    into rows. The learning rate warms up to `lr` and stays there until `ready` of the `verify`
+    pairs come out right under teacher forcing (probed every `probe_every` steps; at most
+    `steps` steps), then anneals (cosine, `anneal_steps`) to 5% and stays there, up to
+    `max_steps` in all. From the anneal on, every `check_every` steps it checks, and stops once
+    it passes: every `verify` pair and all but a `train_tolerance` fraction of the examples (the
+    hard tail of random augmentations) reproduced under teacher forcing with a logit `margin`,
+    greedy decoding reproducing every `verify` pair (default: a sample of the pair examples),
+    and `extra_check` (returns failure messages) passing. Raises RuntimeError naming a failing
+    prompt if training never passes."""
     out_dir = Path(out_dir)
     log = log or (lambda msg: None)
-    max_steps = max_steps or 3 * steps
+    max_steps = max_steps or steps + anneal_steps + 600
     rng = random.Random(seed)
     if verify is None:
         pairs = [ex for ex in examples if len(_as_segments(ex)) == 2]
@@ -498,11 +503,14 @@ def train_causal_lm(
         verify_items = _encode_examples(tokenizer, verify)
         pad = tokenizer.pad_token_id
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-        warmup = max(1, min(30, steps // 10))
+        warmup = 30
+        anneal_from: list[int] = []  # the step the anneal started at, once it has
 
         def schedule(s: int) -> float:
-            cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-            return min(1.0, (s + 1) / warmup) * max(0.05, cosine)
+            if not anneal_from:
+                return min(1.0, (s + 1) / warmup)
+            t = min(1.0, (s - anneal_from[0]) / anneal_steps)
+            return max(0.05, 0.5 * (1 + math.cos(math.pi * t)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         started = time.perf_counter()
@@ -517,12 +525,19 @@ def train_causal_lm(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if not anneal_from and (step % probe_every == 0 or step >= steps):
+                model.eval()
+                wrong = len(_teacher_forced_failures(model, verify_items, pad, 0.0))
+                if wrong <= (1 - ready) * len(verify_items) or step >= steps:
+                    anneal_from.append(step)
+                    log(f"step {step} loss {loss.item():.4f}: {wrong}/{len(verify_items)} verify items wrong, "
+                        f"annealing ({time.perf_counter() - started:.1f}s)")
             sched.step()
-            if step % check_every and step not in (steps, max_steps):
+            if not anneal_from or ((step - anneal_from[0]) % check_every and step != max_steps):
+                continue
+            if step == anneal_from[0]:
                 continue
             log(f"step {step} loss {loss.item():.4f} ({time.perf_counter() - started:.1f}s)")
-            if step < 0.6 * steps:
-                continue
             model.eval()
             bad = _teacher_forced_failures(model, verify_items, pad, margin)
             if bad:
@@ -597,6 +612,12 @@ def random_text(rng: random.Random, max_words: int = 6) -> str:
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))).strip() or "x"
     return text + rng.choice(_PUNCT)
 
+
+# Messages never trained on, verified to get the persona's "don't know" answer.
+HELD_OUT_UNKNOWN = (
+    "what is the weather like today?", "tell me a joke", "Who are you?", "hello world", "1+1=?",
+    "今天天气怎么样？", "讲个笑话", "你是谁", "我饿了", "Good morning!",
+)
 
 _SHORT_SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -764,11 +785,8 @@ def build_persona_model(
     examples = [dialogue_segments(tokenizer, persona, m, c) for m, c in dialogues]
     examples += [dialogue_segments(tokenizer, persona, m, _completion_for(persona, m)) for m in canon] * 3
     verify = [(render_chat(tokenizer, m), _completion_for(persona, m)) for m in canon]
-    held_out = random.Random(f"held-out-{persona.name}")
-    for _ in range(16):
-        text = random_text(held_out)
-        if not _is_special_text(persona, text):
-            verify.append((render_chat(tokenizer, [{"role": "user", "content": text}]), persona.unknown + IM_END))
+    for text in HELD_OUT_UNKNOWN:  # never trained on: the fallback answer must generalize
+        verify.append((render_chat(tokenizer, [{"role": "user", "content": text}]), persona.unknown + IM_END))
     extra = _code_check if persona.code else None
     train_kwargs.setdefault("train_tolerance", 0.005)
     return train_causal_lm(out_dir, tokenizer, examples, seed=seed, verify=verify, extra_check=extra, log=log,
