@@ -18,7 +18,7 @@ from models.registry import ModelHub, RoleSpec
 
 from .access import AccessPolicy
 from .config import ROLES, Settings
-from .i18n import lang_of, t
+from .i18n import TEXTS, lang_of, t
 from .limits import TokenBucket, clean_text
 from .messages import Incoming, ReplySurface
 from .personas import DEFAULT_PERSONA, Persona, build_personas
@@ -58,7 +58,9 @@ def role_specs(settings: Settings) -> dict[str, RoleSpec]:
             api_key=getattr(settings, f"{role}_api_key").get_secret_value(),
             device=settings.device,
             dtype=settings.dtype,
-            max_concurrency=settings.max_concurrent_generations,
+            max_concurrency=(
+                settings.openai_max_concurrent if settings.backend_for(role) == "openai" else settings.max_concurrent_generations
+            ),
             max_context_tokens=settings.max_context_tokens,
             timeout=settings.openai_timeout,
             max_retries=settings.openai_max_retries,
@@ -157,6 +159,11 @@ class App:
             self._refused[who] = self.clock()
             await self._notice(surface, t("not_allowed", lang))
 
+    async def _refuse_persona(self, msg: Incoming, surface: ReplySurface, persona: Persona, lang: str) -> None:
+        log.info("refused %s:%s for the %s persona", msg.platform, msg.user_id, persona.name)
+        key = f"{persona.role}_not_allowed"  # a feature may say it its own way
+        await self._notice(surface, t(key if key in TEXTS else "not_allowed", lang))
+
     async def _notice(self, surface: ReplySurface, text: str) -> None:
         try:
             await surface.post(text, phase="notice")
@@ -181,8 +188,7 @@ class App:
             await self._image(msg, surface, args, lang)
         elif (persona := self.persona_for_command(command)) is not None:
             if not self.access.allows_role(msg, persona.role):
-                log.info("refused %s:%s for the %s persona", msg.platform, msg.user_id, persona.name)
-                await self._notice(surface, t("not_allowed", lang))
+                await self._refuse_persona(msg, surface, persona, lang)
                 return
             self.store.set_persona(key, persona.name)
             if args.strip():
@@ -241,6 +247,9 @@ class App:
         self, msg: Incoming, surface: ReplySurface, persona: Persona, text: str, lang: str,
         *, attachment: str | None = None, image: object = None,
     ) -> None:
+        if not self.access.allows_role(msg, persona.role):  # also plain messages in a shared group session
+            await self._refuse_persona(msg, surface, persona, lang)
+            return
         text, problem = clean_text(text, self.settings.max_input_chars)
         if problem is not None:
             log.info("rejected input from %s:%s: %s", msg.platform, msg.user_id, problem.key)
@@ -301,8 +310,9 @@ class App:
         except ModelError as exc:
             log.error("%s failed for %s: %s", persona.name, tenant, exc)
             status, suffix = "failed", t(exc.user_message_key, lang)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # shutdown: mark what was shown as stopped, then go
             status = "stopped"
+            stream.feed(("\n\n" if stream.text else "") + t("stopped_mark", lang))
             raise
         except Exception:
             log.exception("%s failed for %s", persona.name, tenant)

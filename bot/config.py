@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     vision_api_key: SecretStr = SecretStr("")
     openai_timeout: float = Field(120.0, gt=0)
     openai_max_retries: int = Field(3, ge=0)
+    openai_max_concurrent: int = Field(16, ge=1)  # requests in flight per server: it batches them
 
     model_hub: Literal["huggingface", "modelscope"] = "huggingface"
     bajie_hub: Literal["", "huggingface", "modelscope"] = ""  # empty: same as MODEL_HUB

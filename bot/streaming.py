@@ -133,6 +133,7 @@ class ReplyStream:
                 await self.surface.edit(message.handle, text, phase=phase)
         except MessageGone:
             log.info("a reply message is gone; continuing in a new message")
+            message.handle = message.shown = None  # a failed repost must not edit the gone one again
             message.handle = await self.surface.post(text, phase=phase)
         self.writes += 1
         message.shown = text

@@ -151,7 +151,7 @@ async def test_help_lists_the_tools_and_the_sandbox_limits(make_agent_app):
 async def test_agent_allowed_users(make_agent_app):
     app = make_agent_app(agent_allowed_users="console:boss")
     refused = await ask(app, f"/agent {agent_model.COMPUTE_EN}", user="intern")
-    assert refused.visible == t("not_allowed", "en")
+    assert refused.visible == t("agent_not_allowed", "en")
     allowed = await ask(app, f"/agent {agent_model.COMPUTE_EN}", user="boss")
     assert POWER in allowed.visible
 

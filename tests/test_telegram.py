@@ -12,6 +12,7 @@ import pytest
 
 from bot.i18n import t
 from bot.logs import setup_logging
+from tests.slow import slow_down
 from tests.fake_telegram import FakeTelegram
 from tests.telegram_harness import TOKEN, running_bot, telegram_settings
 from tests.tiny_models import COUNT_ANSWER, CODE_LINE
@@ -157,6 +158,7 @@ async def test_a_429_delays_the_answer_but_never_loses_it(make_app):
 async def test_a_deleted_answer_continues_in_a_new_message(make_app):
     async with FakeTelegram(TOKEN) as fake:
         app = make_app(**telegram_settings(fake), max_new_tokens=150)
+        await slow_down(app)  # the test acts while the answer streams
         async with running_bot(app):
             chat = fake.private_chat(42)
             fake.send_text(chat, 42, "code")
@@ -170,6 +172,7 @@ async def test_a_deleted_answer_continues_in_a_new_message(make_app):
 async def test_stop_and_regenerate_buttons_work_only_for_the_asker(make_app):
     async with FakeTelegram(TOKEN) as fake:
         app = make_app(**telegram_settings(fake), max_new_tokens=800)
+        await slow_down(app)  # the test acts while the answer streams
         async with running_bot(app):
             group = fake.group_chat(-1001)
             fake.user(5, lang="en")
@@ -206,6 +209,7 @@ async def test_stop_and_regenerate_buttons_work_only_for_the_asker(make_app):
 async def test_the_stop_command_ends_the_answer_at_once(make_app):
     async with FakeTelegram(TOKEN) as fake:
         app = make_app(**telegram_settings(fake), max_new_tokens=1800)
+        await slow_down(app)  # the test acts while the answer streams
         async with running_bot(app):
             chat = fake.private_chat(42)
             fake.send_text(chat, 42, "code")
