@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 from models.base import Cancel, ChatBackend, ChatMessage, StreamStats
+from models.prompting import trim_history
 from models.registry import ModelHub, WaitCallback
 
 from .messages import Incoming
@@ -40,28 +41,8 @@ class Responder(Protocol):
 def fit_to_context(
     backend: ChatBackend, system: list[ChatMessage], history: list[ChatMessage], question: list[ChatMessage], reserve: int
 ) -> list[ChatMessage]:
-    """Drop the oldest history (whole exchanges) until the prompt plus `reserve` answer tokens fit.
-
-    Binary search over where the kept history starts: O(log n) tokenizations.
-    """
-    budget = backend.context_window - reserve
-    starts = [i for i, m in enumerate(history) if m.role == "user"] + [len(history)]
-    if starts[0] != 0:
-        starts.insert(0, 0)
-
-    def fits(start: int) -> bool:
-        return backend.count_tokens(system + history[start:] + question) <= budget
-
-    lo, hi = 0, len(starts) - 1
-    if fits(starts[lo]):
-        return system + history + question
-    while lo + 1 < hi:
-        mid = (lo + hi) // 2
-        if fits(starts[mid]):
-            hi = mid
-        else:
-            lo = mid
-    return system + history[starts[hi] :] + question
+    """The prompt, with the oldest history dropped until it plus `reserve` answer tokens fit."""
+    return trim_history(backend.count_tokens, backend.context_window - reserve, system, history, question)
 
 
 class ChatResponder:

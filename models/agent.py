@@ -29,6 +29,7 @@ from lagent.schema import AgentReturn, AgentStatusCode, ModelStatusCode
 
 from .agent_tools import ArxivPapers, SandboxedPython
 from .base import Cancel, ChatBackend, ChatMessage, GenerationParams, ModelError, StreamStats
+from .prompting import trim_history
 from .registry import ScheduledModel, WaitCallback
 from .sandbox import Sandbox
 
@@ -84,23 +85,7 @@ def fit_history(
     system = messages[:n_system]
     history = messages[n_system : n_system + n_history]
     current = messages[n_system + n_history :]
-    starts = [i for i, m in enumerate(history) if m.role == "user"] + [len(history)]
-    if starts[0] != 0:
-        starts.insert(0, 0)
-
-    def fits(start: int) -> bool:
-        return count_tokens(system + history[start:] + current) <= budget
-
-    lo, hi = 0, len(starts) - 1
-    if fits(starts[lo]):
-        return messages
-    while lo + 1 < hi:
-        mid = (lo + hi) // 2
-        if fits(starts[mid]):
-            hi = mid
-        else:
-            lo = mid
-    return system + history[starts[hi] :] + current
+    return trim_history(count_tokens, budget, system, history, current)
 
 
 # -- history: what is stored between turns -----------------------------------------------------
