@@ -17,12 +17,17 @@ from tests import tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_chat_model() -> Path:
+def tiny_text_models() -> dict[str, Path]:
+    return tiny_models.tiny_model_paths()  # both built at once on two cores
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_text_models) -> Path:
     return tiny_models.chat_model_path()
 
 
 @pytest.fixture(scope="session")
-def tiny_bajie_model() -> Path:
+def tiny_bajie_model(tiny_text_models) -> Path:
     return tiny_models.bajie_model_path()
 
 

@@ -169,7 +169,8 @@ def test_models_differ(chat, bajie):
 
 def test_persona_reference_answers():
     p = tm.CHAT_PERSONA
-    assert p.answer([user("remember ocean"), assistant("OK"), user("remember 西瓜"), assistant("O"), user("recall")]) == "西瓜"
+    messages = [user("remember ocean"), assistant("OK"), user("remember 西瓜"), assistant("O"), user("recall")]
+    assert p.answer(messages) == "西瓜"
     assert p.answer([user("recall")]) == tm.CHAT_UNKNOWN
     assert p.answer([user("code")]) is None
     assert tm.BAJIE_PERSONA.answer([user("remember ping"), assistant("OK"), user("recall")]) == "俺记得：ping"

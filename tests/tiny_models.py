@@ -1,22 +1,28 @@
 """Tiny REAL InternLM2-format chat models for the test suite (no hub, no GPU needed).
 
 A byte-level BPE tokenizer (the `tokenizers` library) with InternLM2's special tokens and chat
-template, and a small `LlamaForCausalLM` trained on CPU until greedy decoding answers fixed prompts
-exactly. Both load with `AutoTokenizer/AutoModelForCausalLM.from_pretrained(path,
-trust_remote_code=True)` like the real checkpoints.
+template, and a small `LlamaForCausalLM` (hidden 64, 2 layers, 4 heads) trained on CPU until
+greedy decoding answers fixed prompts exactly. They load with `AutoTokenizer` /
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` like the real checkpoints.
 
 Generic API (reusable for other tiny models):
-    build_tokenizer(corpus)                       -> PreTrainedTokenizerFast
-    render_chat(tokenizer, messages)              -> prompt text ending with "<|im_start|>assistant\\n"
-    train_causal_lm(out_dir, tokenizer, examples) -> Path   (trains, verifies greedily, saves)
-    cached_build(name, builder_fn)                -> Path   (<cache_root>/<name>-<hash>)
+    build_tokenizer(corpus, whole=())             -> PreTrainedTokenizerFast
+    render_chat(tokenizer, messages)              -> prompt text ending with "<|im_start|>assistant\n"
+    train_causal_lm(out_dir, tokenizer, examples, steps=, seed=, verify=, extra_check=) -> Path
+    greedy_generate(model, tokenizer, prompts, max_new_tokens) -> new token ids per prompt
+    cached_build(name, builder_fn, cache_root=None) -> Path   (<cache_root>/<name>-<hash>)
 
-Concrete models:
+Concrete models (cached in $TINY_MODEL_CACHE or <repo>/.cache/tiny-models):
     chat_model_path()   plays InternLM2-Chat   (CHAT_PERSONA)
     bajie_model_path()  plays Bajie-Chat       (BAJIE_PERSONA)
-`Persona.answer(messages)` gives the exact expected answer for a conversation.
+    tiny_model_paths()  both, the missing ones built in parallel
+`Persona.answer(messages)` gives the exact expected answer for a conversation. Exactness is
+verified at build time for `canonical_dialogues(persona)` (commands with no / the persona's / a
+short system prompt, after canonical histories; recall after one or more remember turns) and
+for HELD_OUT_UNKNOWN messages; random other conversations are right in >= 99.5% of the
+training distribution. Tests that need a guarantee should use conversations of those shapes.
 
-Run `python tests/tiny_models.py [--force]` to (re)build both and print the build times.
+Run `python tests/tiny_models.py` to build (cached) both, `--force` to rebuild and time them.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -384,7 +390,9 @@ def _packed_batch(items: Sequence[_Encoded], pad_id: int, width: int = 256):
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *, stop: bool = True) -> list[list[int]]:
+def greedy_generate(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *, stop: bool = True
+) -> list[list[int]]:
     """Greedy continuation ids for each prompt (left-padded batch), cut after the first stop token
     (kept) when `stop`."""
     eos = stop_ids(tokenizer)
@@ -430,7 +438,10 @@ def greedy_failures(model, tokenizer, examples: Sequence[tuple[str, str]], batch
         if all(closed):
             outs = greedy_generate(model, tokenizer, [p for p, _ in chunk], max(lengths) + 4)
         else:
-            outs = [greedy_generate(model, tokenizer, [p], n, stop=c) [0] for (p, _), n, c in zip(chunk, lengths, closed)]
+            outs = [
+                greedy_generate(model, tokenizer, [p], n, stop=c)[0]
+                for (p, _), n, c in zip(chunk, lengths, closed)
+            ]
         for (prompt, completion), out, is_closed in zip(chunk, outs, closed):
             text = tokenizer.decode(out, skip_special_tokens=True)
             if is_closed:
@@ -451,7 +462,9 @@ def train_causal_lm(
     *,
     steps: int = 800,
     anneal_steps: int = 250,
-    max_steps: int | None = None,
+    patience: int = 600,
+    attempts: int = 1,
+    give_up_unready: bool = False,
     seed: int = 0,
     verify: Sequence[tuple[str, str]] | None = None,
     extra_check: Callable[[LlamaForCausalLM, PreTrainedTokenizerFast], list[str]] | None = None,
@@ -476,104 +489,130 @@ def train_causal_lm(
     An example may instead be a list of (text, trained) segments, each tokenized separately, the
     loss covering the trained ones: e.g. every correct assistant turn of a conversation.
 
-    AdamW, seeded, on CPU with `threads` torch threads (1 by default: with other processes on
-    the machine, 2 threads is several times slower), batches of `batch_size` examples packed
-    into rows. The learning rate warms up to `lr` and stays there until `ready` of the `verify`
-    pairs come out right under teacher forcing (probed every `probe_every` steps; at most
-    `steps` steps), then anneals (cosine, `anneal_steps`) to 5% and stays there, up to
-    `max_steps` in all. From the anneal on, every `check_every` steps it checks (and until the
-    next check, `boost_fraction` of each batch comes from the examples that failed), and stops once
+    AdamW on CPU with `threads` torch threads (1 by default: with other processes on the
+    machine, 2 threads is several times slower), batches of `batch_size` examples packed into
+    rows. The learning rate warms up to `lr` and stays there until `ready` of the `verify` pairs
+    come out right under teacher forcing (probed every `probe_every` steps, at most `steps`
+    steps), then anneals (cosine, `anneal_steps`) to 5% and stays there for up to `patience`
+    more steps. From the anneal on, every `check_every` steps it checks (and until the next
+    check, `boost_fraction` of each batch comes from the examples that failed), and stops once
     it passes: every `verify` pair and all but a `train_tolerance` fraction of the examples (the
     hard tail of random augmentations) reproduced under teacher forcing with a logit `margin`,
     greedy decoding reproducing every `verify` pair (default: a sample of the pair examples),
-    and `extra_check` (returns failure messages) passing. Raises RuntimeError naming a failing
-    prompt if training never passes."""
+    and `extra_check` (returns failure messages) passing.
+
+    An attempt that does not pass (or, with `give_up_unready`, is not ready by `steps` while
+    attempts remain) is started again from scratch with the next seed, up to `attempts` seeds
+    (seed, seed + 1, ...): some seeds find the circuits late. Raises RuntimeError naming a
+    failing prompt if no attempt passes. Deterministic for a given machine and torch build."""
     out_dir = Path(out_dir)
     log = log or _logger.info
-    max_steps = max_steps or steps + anneal_steps + 600
-    rng = random.Random(seed)
     if verify is None:
         pairs = [ex for ex in examples if len(_as_segments(ex)) == 2]
-        verify = rng.sample(pairs, min(64, len(pairs)))
+        verify = random.Random(seed).sample(pairs, min(64, len(pairs)))
+    started = time.perf_counter()
     with _torch_threads(threads):
-        torch.manual_seed(seed)
-        config = tiny_llama_config(tokenizer, **(config_overrides or {}))
-        model = LlamaForCausalLM(config)
-        model.generation_config = GenerationConfig(
-            bos_token_id=config.bos_token_id,
-            eos_token_id=config.eos_token_id,
-            pad_token_id=config.pad_token_id,
-            max_new_tokens=1024,
-        )
         items = _encode_examples(tokenizer, examples)
         verify_items = _encode_examples(tokenizer, verify)
-        pad = tokenizer.pad_token_id
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-        warmup = 30
-        anneal_from: list[int] = []  # the step the anneal started at, once it has
-
-        def schedule(s: int) -> float:
-            if not anneal_from:
-                return min(1.0, (s + 1) / warmup)
-            t = min(1.0, (s - anneal_from[0]) / anneal_steps)
-            return max(0.05, 0.5 * (1 + math.cos(math.pi * t)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        started = time.perf_counter()
-        failures: list[str] = ["not checked"]
-        boost: list[int] = []  # examples failing at the last check: a quarter of each batch
-        step = 0
-        for step in range(1, max_steps + 1):
-            model.train()
-            n_boost = int(batch_size * boost_fraction) if boost else 0
-            picked = [rng.randrange(len(items)) for _ in range(batch_size - n_boost)]
-            picked += [rng.choice(boost) for _ in range(n_boost)]
-            ids, mask, lab, pos = _packed_batch([items[i] for i in picked], pad)
-            logits, target, _ = _completion_logits(model, ids, mask, lab, pos)
-            loss = torch.nn.functional.cross_entropy(logits, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if not anneal_from and (step % probe_every == 0 or step >= steps):
-                model.eval()
-                wrong = len(_teacher_forced_failures(model, verify_items, pad, 0.0))
-                if wrong <= (1 - ready) * len(verify_items) or step >= steps:
-                    anneal_from.append(step)
-                    log(f"step {step} loss {loss.item():.4f}: {wrong}/{len(verify_items)} verify items wrong, "
-                        f"annealing ({time.perf_counter() - started:.1f}s)")
-            sched.step()
-            if not anneal_from or ((step - anneal_from[0]) % check_every and step != max_steps):
-                continue
-            if step == anneal_from[0]:
-                continue
-            log(f"step {step} loss {loss.item():.4f} ({time.perf_counter() - started:.1f}s)")
-            model.eval()
-            boost = _teacher_forced_failures(model, items, pad, margin)
-            bad = _teacher_forced_failures(model, verify_items, pad, margin)
-            if bad:
-                failures = [f"prompt {verify[i][0]!r} (teacher forced)" for i in bad]
-                log(f"  {len(bad)} verify items fail teacher-forced, e.g. {failures[0][-160:]}")
-                continue
-            if len(boost) > train_tolerance * len(items):
-                failures = [f"example {_as_segments(examples[i])!r} (teacher forced, training example)" for i in boost]
-                log(f"  {len(boost)}/{len(items)} training items fail teacher-forced, e.g. {failures[0][-160:]}")
-                continue
-            failures = greedy_failures(model, tokenizer, verify)
-            if not failures and extra_check is not None:
-                failures = extra_check(model, tokenizer)
+        failures: list[str] = []
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            model, failures, step = _train_attempt(
+                tokenizer, items, examples, verify, verify_items, extra_check, seed=seed + attempt,
+                steps=steps, anneal_steps=anneal_steps, patience=patience, give_up_unready=give_up_unready and not last,
+                batch_size=batch_size, lr=lr, ready=ready, boost_fraction=boost_fraction, probe_every=probe_every,
+                check_every=check_every, margin=margin, train_tolerance=train_tolerance,
+                config_overrides=config_overrides, log=log,
+            )
             if not failures:
                 break
-            log(f"  greedy check failed: {failures[0]}")
+            log(f"attempt with seed {seed + attempt} failed after {step} steps: {failures[0][:300]}")
         else:
-            raise RuntimeError(
-                f"tiny model did not learn its targets in {max_steps} steps: {failures[0]} ({len(failures)} failures)"
-            )
-        log(f"trained and verified in {step} steps, {time.perf_counter() - started:.1f}s")
+            raise RuntimeError(f"tiny model did not learn its targets: {failures[0]} ({len(failures)} failures)")
+        log(f"trained and verified (seed {seed + attempt}, {step} steps) in {time.perf_counter() - started:.1f}s")
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _train_attempt(tokenizer, items, examples, verify, verify_items, extra_check, *, seed, steps, anneal_steps,
+                   patience, give_up_unready, batch_size, lr, ready, boost_fraction, probe_every, check_every,
+                   margin, train_tolerance, config_overrides, log):
+    """One seeded training run; returns (model, failure messages, steps run)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    config = tiny_llama_config(tokenizer, **(config_overrides or {}))
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        max_new_tokens=1024,
+    )
+    pad = tokenizer.pad_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = 30
+    anneal_from: list[int] = []  # the step the anneal started at, once it has
+
+    def schedule(s: int) -> float:
+        if not anneal_from:
+            return min(1.0, (s + 1) / warmup)
+        t = min(1.0, (s - anneal_from[0]) / anneal_steps)
+        return max(0.05, 0.5 * (1 + math.cos(math.pi * t)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    started = time.perf_counter()
+    failures: list[str] = ["not checked"]
+    boost: list[int] = []  # examples failing at the last check
+    step = 0
+    while True:
+        step += 1
+        model.train()
+        n_boost = int(batch_size * boost_fraction) if boost else 0
+        picked = [rng.randrange(len(items)) for _ in range(batch_size - n_boost)]
+        picked += [rng.choice(boost) for _ in range(n_boost)]
+        ids, mask, lab, pos = _packed_batch([items[i] for i in picked], pad)
+        logits, target, _ = _completion_logits(model, ids, mask, lab, pos)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if not anneal_from and (step % probe_every == 0 or step >= steps):
+            model.eval()
+            wrong = _teacher_forced_failures(model, verify_items, pad, 0.0)
+            if len(wrong) <= (1 - ready) * len(verify_items) or step >= steps:
+                if step >= steps and give_up_unready and wrong:
+                    return model, [f"not ready after {step} steps: prompt {verify[wrong[0]][0]!r}"], step
+                anneal_from.append(step)
+                log(f"seed {seed} step {step} loss {loss.item():.4f}: {len(wrong)}/{len(verify_items)} verify "
+                    f"items wrong, annealing ({time.perf_counter() - started:.1f}s)")
+        sched.step()
+        if not anneal_from or step == anneal_from[0]:
+            continue
+        last = step >= anneal_from[0] + anneal_steps + patience
+        if (step - anneal_from[0]) % check_every and not last:
+            continue
+        log(f"seed {seed} step {step} loss {loss.item():.4f} ({time.perf_counter() - started:.1f}s)")
+        model.eval()
+        boost = _teacher_forced_failures(model, items, pad, margin)
+        bad = _teacher_forced_failures(model, verify_items, pad, margin)
+        if bad:
+            failures = [f"prompt {verify[i][0]!r} (teacher forced)" for i in bad]
+            log(f"  {len(bad)} verify items fail teacher-forced, e.g. {failures[0][-160:]}")
+        elif len(boost) > train_tolerance * len(items):
+            failures = [f"example {_as_segments(examples[i])!r} (teacher forced, training example)" for i in boost]
+            log(f"  {len(boost)}/{len(items)} training items fail teacher-forced, e.g. {failures[0][-160:]}")
+        else:
+            failures = greedy_failures(model, tokenizer, verify)
+            if not failures and extra_check is not None:
+                failures = extra_check(model, tokenizer)
+            if not failures:
+                return model, [], step
+            log(f"  greedy check failed: {failures[0]}")
+        if last:
+            return model, failures, step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,7 +655,8 @@ def random_text(rng: random.Random, max_words: int = 6) -> str:
             chars.append(rng.choice(_ZH_CHARS) if rng.random() < 0.8 else chr(rng.randint(0x4E00, 0x9FA5)))
         text = "".join(chars)
     elif kind < 0.93:
-        text = rng.choice(_EN_WORDS) + rng.choice(["", " "]) + "".join(rng.choice(_ZH_CHARS) for _ in range(rng.randint(1, 4)))
+        zh = "".join(rng.choice(_ZH_CHARS) for _ in range(rng.randint(1, 4)))
+        text = rng.choice(_EN_WORDS) + rng.choice(["", " "]) + zh
     else:
         alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-+=/.,:;"
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))).strip() or "x"
@@ -726,7 +766,8 @@ def dialogue_segments(tokenizer, persona: Persona, messages: Sequence[dict], com
         if m["role"] == "assistant" and content and content == persona.answer(messages[:i]):
             head = f"{IM_START}assistant\n"
             joint = tokenizer.encode(head + content, add_special_tokens=False)
-            split = tokenizer.encode(head, add_special_tokens=False) + tokenizer.encode(content, add_special_tokens=False)
+            split = tokenizer.encode(head, add_special_tokens=False)
+            split += tokenizer.encode(content, add_special_tokens=False)
             if joint == split:
                 segments += [(pending + head, False), (content + IM_END, True)]
                 pending = "\n"
@@ -814,16 +855,12 @@ def build_persona_model(
             messages = head + [{"role": "user", "content": text}]
             verify.append((render_chat(tokenizer, messages), persona.unknown + IM_END))
     extra = _code_check if persona.code else None
-    train_kwargs.setdefault("train_tolerance", 0.005)
-    for attempt in range(2):  # a second seed if the first run gets stuck (not seen so far)
-        try:
-            return train_causal_lm(out_dir, tokenizer, examples, seed=seed + attempt, verify=verify,
-                                   extra_check=extra, log=log, **train_kwargs)
-        except RuntimeError as exc:
-            if attempt:
-                raise
-            (log or _logger.warning)(f"retrying {persona.name} with another seed: {exc}")
-    raise AssertionError("unreachable")
+    # Fast seeds are ready (every verify pair right) within ~50-300 steps and pass ~100-300
+    # steps later; slow ones are cheaper to abandon than to wait for.
+    options = dict(train_tolerance=0.005, steps=300, patience=250, attempts=4, give_up_unready=True)
+    options.update(train_kwargs)
+    return train_causal_lm(out_dir, tokenizer, examples, seed=seed, verify=verify, extra_check=extra, log=log,
+                           **options)
 
 
 def render_chat_text(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
