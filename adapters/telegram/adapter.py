@@ -23,6 +23,7 @@ from telegram.ext import AIORateLimiter, Application, ContextTypes, TypeHandler
 from bot.app import App
 from bot.config import Settings
 from bot.i18n import lang_of, t
+from bot.logs import redact
 
 from . import texts  # noqa: F401  (registers the adapter's texts)
 from .handlers import BotIdentity, incoming_from_callback, incoming_from_message
@@ -245,17 +246,18 @@ class TelegramAdapter:
 
 
 class _HideToken(logging.Filter):
-    """python-telegram-bot logs its API URLs (which contain the token) at DEBUG."""
+    """python-telegram-bot logs its API URLs (which contain the token) at DEBUG. Rewriting the
+    record protects every handler, also those `bot.logs.setup_logging` did not install."""
 
     def __init__(self, token: str) -> None:
         super().__init__()
         self.token = token
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.token:
-            message = record.getMessage()
-            if self.token in message:
-                record.msg, record.args = message.replace(self.token, "***"), None
+        message = record.getMessage()
+        hidden = redact(message, [self.token] if self.token else [])
+        if hidden != message:
+            record.msg, record.args = hidden, None
         return True
 
 
