@@ -120,13 +120,15 @@ def build_processor(out_dir: Path | None = None) -> LlavaProcessor:
 
 def _config(processor: LlavaProcessor) -> LlavaConfig:
     tokenizer = processor.tokenizer
-    text = tiny_llama_config(tokenizer, max_position_embeddings=1024)
+    # Untied: with tied embeddings, whether lm_head was saved apart and re-tied on load varied
+    # between processes, and a reloaded model then no longer answered what was verified.
+    text = tiny_llama_config(tokenizer, max_position_embeddings=1024, tie_word_embeddings=False)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                               image_size=SIDE, patch_size=PATCH)
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default", vision_feature_layer=-1, projector_hidden_act="gelu",
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
 
 
@@ -223,6 +225,12 @@ def build_tiny_vlm(out_dir: str | Path, *, steps: int = 3000, seed: int = 0, log
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir, safe_serialization=True)
         processor.save_pretrained(out_dir)
+        # Verify what the tests will load, not just the model in memory.
+        reloaded = LlavaForConditionalGeneration.from_pretrained(out_dir).eval()
+        failures = [f"{m[-1]['content']!r} → {got!r}, wanted {want!r}"
+                    for m, images, want in cases if (got := answer(reloaded, processor, m, images)) != want]
+        if failures:
+            raise RuntimeError(f"tiny VLM changed when saved and reloaded: {failures[0]}")
     finally:
         torch.set_num_threads(old_threads)
     return out_dir
