@@ -94,6 +94,11 @@ class App:
         self._refused: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
 
+    async def prepare(self) -> None:
+        """At start, before serving: model-server clients, and in-process models with
+        PRELOAD_MODELS=1, so the first user's answer does not wait for imports and set-up."""
+        await self.hub.prepare(preload=self.settings.preload_models)
+
     # -- extension points for features (agent, images) ------------------------------
     def add_persona(self, persona: Persona, responder: Responder) -> None:
         self.personas[persona.name] = persona

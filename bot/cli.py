@@ -60,6 +60,7 @@ async def serve(settings: Settings, platforms: list[str]) -> None:
     from adapters.registry import create_adapters
 
     app = build_app(settings)
+    await app.prepare()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM,) if not platforms else (signal.SIGTERM, signal.SIGINT)

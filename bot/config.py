@@ -49,13 +49,16 @@ class Settings(BaseSettings):
     vision_api_key: SecretStr = SecretStr("")
     openai_timeout: float = Field(120.0, gt=0)
     openai_max_retries: int = Field(3, ge=0)
-    openai_max_concurrent: int = Field(16, ge=1)  # requests in flight per server: it batches them
+    # Requests in flight per server and model; beyond it the bot's fair queue. Servers batch
+    # (LMDeploy --max-batch-size: 128 on most GPUs; vLLM --max-num-seqs: 256) and queue the rest.
+    openai_max_concurrent: int = Field(128, ge=1)
 
     model_hub: Literal["huggingface", "modelscope"] = "huggingface"
     bajie_hub: Literal["", "huggingface", "modelscope"] = ""  # empty: same as MODEL_HUB
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_concurrent_generations: int = Field(1, ge=1)  # per loaded model
+    preload_models: bool = False  # load in-process models at start (default: on first use)
     max_context_tokens: int = Field(8192, ge=256)  # prompt + answer budget
 
     # --- personas --------------------------------------------------------------------

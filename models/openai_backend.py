@@ -118,6 +118,10 @@ class OpenAIBackend:
             self._client = (loop, client)
         return self._client[1]
 
+    def prepare(self) -> None:
+        """At start: build the client (and its imports) now, not on the first request."""
+        self.client()
+
     def count_tokens(self, messages: list[ChatMessage]) -> int:
         total = 3  # the assistant prompt
         for m in messages:
@@ -128,7 +132,10 @@ class OpenAIBackend:
         self, messages: list[ChatMessage], *, params: GenerationParams, cancel: Cancel,
         stats: StreamStats | None = None, skip_special_tokens: bool = True,
     ) -> AsyncIterator[str]:
-        payload = await asyncio.to_thread(to_openai_messages, messages)
+        if any(m.image is not None for m in messages):  # encoding a picture blocks: a thread
+            payload = await asyncio.to_thread(to_openai_messages, messages)
+        else:  # a thread hop would only delay the first token
+            payload = to_openai_messages(messages)
         request: dict = dict(
             model=self.model, messages=payload, stream=True, max_tokens=params.max_new_tokens,
             temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p,

@@ -1,6 +1,8 @@
 """Role → model. Roles that name the same model share one loaded instance and one queue.
 
-Models load lazily on first use, on a worker thread, once.
+In-process models load lazily on first use (a fast start), on a worker thread, once, or at start
+with `ModelHub.prepare(preload=True)`. Clients for model servers cost no GPU memory: `prepare`
+always sets them up at start, so the first user does not wait for imports.
 """
 
 from __future__ import annotations
@@ -146,6 +148,19 @@ class ModelHub:
             return self._by_role[role]
         except KeyError:
             raise ModelUnavailable(f"no model is configured for the {role} role") from None
+
+    async def prepare(self, *, preload: bool = False) -> None:
+        """At start: set up model-server clients, and load in-process models too if `preload`.
+        A model that fails here is logged and tried again on first use."""
+        for model in self._shared.values():
+            if model.backend is not None or (model.spec.backend != "openai" and not preload):
+                continue
+            try:
+                await model.ensure_loaded()
+            except ModelUnavailable as exc:
+                log.warning("%s is not ready (%s); will retry on first use", model.spec.variable, exc)
+            if model.backend is not None and hasattr(model.backend, "prepare"):
+                model.backend.prepare()
 
     @property
     def loaded(self) -> list[ScheduledModel]:
