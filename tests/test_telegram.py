@@ -342,7 +342,8 @@ async def test_shutdown_lets_answers_finish_or_closes_them_cleanly(make_app):
         async with running_bot(app):
             chat = fake.private_chat(43)
             fake.send_text(chat, 43, "count")
-            await fake.wait_until(lambda: fake.calls_of("sendChatAction"))
+            # the answer has begun ("typing…" shows only if its text does not come within 0.3 s)
+            await fake.wait_until(lambda: fake.calls_of("sendChatAction") or fake.writes)
         assert fake.texts(chat) == [COUNT_ANSWER]  # finished within the grace period
 
 
