@@ -26,6 +26,7 @@ from bot.i18n import t
 from bot.messages import ImageAttachment, Incoming
 
 from .commands import I18nTranslator, build_tree, sync_commands
+from .pacing import Pacer
 from .surface import InteractionSurface, MessageSurface, OwnedButton
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class DiscordAdapter:
             guild_ready_timeout=guild_ready_timeout,
         )
         self.tree = build_tree(self.client, self)
+        self.pacer = Pacer()  # every write of every answer takes its place here (pacing.py)
         self._running: dict[asyncio.Task, str] = {}  # answers in flight -> session key
         self._closing = False
 
@@ -185,7 +187,7 @@ class DiscordAdapter:
         if self._closing:
             return
         try:  # first, before anything that can wait: Discord allows 3 s
-            await interaction.response.defer(thinking=True, ephemeral=command in QUIET_COMMANDS)
+            await self._urgently(lambda: interaction.response.defer(thinking=True, ephemeral=command in QUIET_COMMANDS))
         except discord.HTTPException as exc:
             log.warning("could not defer /%s in time (%s); Discord shows it as failed", command, exc)
             return
@@ -193,6 +195,14 @@ class DiscordAdapter:
         incoming = self._from_interaction(interaction, command, text, image)
         surface = InteractionSurface(self, incoming, interaction, received_at=received, clock=self.clock)
         await self._serve(incoming, self._answer(incoming, surface, self.app.handle))
+
+    async def _urgently(self, request: Callable[[], Any]) -> Any:
+        """Acknowledge an interaction (due within 3 s) ahead of every other write."""
+        slot = await self.pacer.take(None, "urgent")
+        try:
+            return await request()
+        finally:
+            self.pacer.release(slot)
 
     async def _answer(self, incoming: Incoming, surface: InteractionSurface,
                       handler: Callable[[Incoming, Any], Any]) -> None:
@@ -207,13 +217,13 @@ class DiscordAdapter:
         if action == "stop":
             stopped = self.app.stop(self.app.session_key(incoming))
             if stopped:
-                await interaction.response.defer()  # the answer itself shows "⏹ stopped"
+                await self._urgently(interaction.response.defer)  # the answer itself shows "⏹ stopped"
             else:
-                await interaction.response.send_message(t("stop_nothing", incoming.language), ephemeral=True)
+                await self._urgently(lambda: interaction.response.send_message(t("stop_nothing", incoming.language), ephemeral=True))
             return
         if self._closing:
             return
-        await interaction.response.defer(thinking=True)
+        await self._urgently(lambda: interaction.response.defer(thinking=True))
         surface = InteractionSurface(self, incoming, interaction, received_at=received, clock=self.clock)
         await self._serve(incoming, self._answer(incoming, surface, self.app.regenerate))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import discord
 
@@ -25,6 +25,7 @@ from bot.messages import Incoming, MessageGone, Phase, RetryLater, SurfaceLimits
 from bot.splitting import split
 
 from . import texts  # noqa: F401  (registers the texts)
+from .pacing import RETRY, Kind
 
 if TYPE_CHECKING:
     from .adapter import DiscordAdapter
@@ -68,7 +69,8 @@ class OwnedButton(discord.ui.DynamicItem[discord.ui.Button], template=r"internlm
         if interaction.user.id == self.owner:
             return True
         log.info("refused a %s button press by %s (not the asker)", self.action, interaction.user.id)
-        await interaction.response.send_message(t("discord_not_yours", str(interaction.locale)), ephemeral=True)
+        adapter: DiscordAdapter = interaction.client.adapter  # type: ignore[attr-defined]
+        await adapter._urgently(lambda: interaction.response.send_message(t("discord_not_yours", str(interaction.locale)), ephemeral=True))
         return False
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -100,6 +102,9 @@ class Posted:
     message: Any = None  # discord.Message / WebhookMessage (None for the original response)
     header: str = ""  # the persona header this message starts with
     controls: str | None = None  # the button it shows now: "stop", "regen" or None
+
+
+KINDS: dict[str, Kind] = {"status": "status", "streaming": "streaming"}  # everything else: "final"
 
 
 def _translate(exc: discord.HTTPException) -> Exception:
@@ -145,7 +150,7 @@ class _Surface:
         if wanted != handle.controls:  # send components only when the button changes
             kwargs["view"] = controls(wanted, self.owner, self.lang)
         try:
-            await self._edit(handle, **kwargs)
+            await self._paced(phase, self._scope(handle), lambda: self._edit(handle, **kwargs))
         except discord.HTTPException as exc:
             raise _translate(exc) from exc
         handle.controls = wanted
@@ -153,6 +158,29 @@ class _Surface:
 
     async def typing(self) -> None:
         pass
+
+    async def _paced(self, phase: Phase, scope: str | None, request: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one write in its place in the adapter's budgets (see pacing.py)."""
+        pacer = self.adapter.pacer
+        kind = KINDS.get(phase, "final")
+        if kind == "final":
+            slot = await pacer.take(scope, kind)
+        else:
+            slot = pacer.try_take(scope, kind, answer=str(id(self)))
+            if slot is None:  # the stream comes back with its newest text
+                raise RetryLater(max(RETRY, pacer.wait_for(scope, kind)))
+        try:
+            return await request()
+        except discord.HTTPException as exc:
+            if exc.status == 429:
+                pacer.stats.rate_limited += 1
+            raise
+        finally:
+            pacer.release(slot)
+
+    def _scope(self, handle: Posted | None) -> str | None:
+        """The bucket a write to `handle` (None: a new message) falls in."""
+        raise NotImplementedError
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _header(self) -> str:
@@ -168,7 +196,7 @@ class _Surface:
         content = handle.header + text
         wanted = button_for(phase)
         try:
-            await self._create(handle, content, controls(wanted, self.owner, self.lang))
+            await self._paced(phase, self._scope(None), lambda: self._create(handle, content, controls(wanted, self.owner, self.lang)))
         except discord.HTTPException as exc:
             raise _translate(exc) from exc
         handle.controls = wanted
@@ -201,8 +229,17 @@ class MessageSurface(_Surface):
         else:
             handle.message = await self.message.channel.send(content, **_view_kwargs(view))
 
+    def _scope(self, handle: Posted | None) -> str | None:
+        return f"channel:{self.message.channel.id}"
+
     async def typing(self) -> None:
-        await self.message.channel.typing()
+        slot = self.adapter.pacer.try_take(None, "status")  # cosmetic: spare budget only
+        if slot is None:
+            return
+        try:
+            await self.message.channel.typing()
+        finally:
+            self.adapter.pacer.release(slot)
 
 
 class InteractionSurface(_Surface):
@@ -222,6 +259,14 @@ class InteractionSurface(_Surface):
 
     def _token_usable(self) -> bool:
         return not self.token_dead and self.clock() < self.switch_at
+
+    def _scope(self, handle: Posted | None) -> str | None:
+        if handle is None:  # a new message: as _create decides
+            original = not self.original_written and not self.token_dead and self.clock() < self.expires_at
+            by_token = original or self._token_usable()
+        else:
+            by_token = handle.kind != "channel"
+        return f"token:{self.interaction.id}" if by_token else f"channel:{self.interaction.channel_id}"
 
     async def _create(self, handle: Posted, content: str, view: discord.ui.View | None) -> None:
         interaction = self.interaction
@@ -268,9 +313,9 @@ class InteractionSurface(_Surface):
             return
         try:
             if handle.kind == "original":
-                await self.interaction.edit_original_response(view=None)
+                await self._paced("sealed", self._scope(handle), lambda: self.interaction.edit_original_response(view=None))
             else:
-                await handle.message.edit(view=None)
+                await self._paced("sealed", self._scope(handle), lambda: handle.message.edit(view=None))
             handle.controls = None
         except discord.HTTPException as exc:
             log.info("could not retire a message before its token expired: %s", exc)
@@ -283,6 +328,6 @@ class InteractionSurface(_Surface):
         """The core wrote nothing (e.g. a repeated refusal): remove the "thinking…" placeholder."""
         if self.writes == 0 and not self.token_dead and self.clock() < self.expires_at:
             try:
-                await self.interaction.delete_original_response()
+                await self._paced("notice", self._scope(None), self.interaction.delete_original_response)
             except discord.HTTPException as exc:
                 log.info("could not remove an unanswered placeholder: %s", exc)
