@@ -26,7 +26,7 @@ from bot.i18n import t
 from bot.messages import ImageAttachment, Incoming
 
 from .commands import I18nTranslator, build_tree, sync_commands
-from .pacing import Pacer
+from .pacing import Pacer, cover_other_requests, within
 from .surface import InteractionSurface, MessageSurface, OwnedButton
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class DiscordAdapter:
             guild_ready_timeout=guild_ready_timeout,
         )
         self.tree = build_tree(self.client, self)
-        self.pacer = Pacer()  # every write of every answer takes its place here (pacing.py)
+        self.pacer = Pacer()  # every request of the bot takes its place here (pacing.py)
+        cover_other_requests(self.client.http, self.pacer)
         self._running: dict[asyncio.Task, str] = {}  # answers in flight -> session key
         self._closing = False
 
@@ -198,11 +199,7 @@ class DiscordAdapter:
 
     async def _urgently(self, request: Callable[[], Any]) -> Any:
         """Acknowledge an interaction (due within 3 s) ahead of every other write."""
-        slot = await self.pacer.take(None, "urgent")
-        try:
-            return await request()
-        finally:
-            self.pacer.release(slot)
+        return await within(await self.pacer.take(None, "urgent"), self.pacer, request)
 
     async def _answer(self, incoming: Incoming, surface: InteractionSurface,
                       handler: Callable[[Incoming, Any], Any]) -> None:

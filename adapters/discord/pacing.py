@@ -23,19 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal
+from typing import Any, Awaitable, Callable, Literal
 
-OVERALL = (46, 1.0)  # requests per second for the whole bot (Discord: 50)
+OVERALL = (48, 1.0)  # requests per second for the whole bot (Discord: 50)
 CHANNEL = (5, 5.0)  # message writes per channel
 TOKEN = (5, 2.0)  # requests per interaction token (webhook edits and follow-ups)
-STREAM_BUDGET = 42  # of OVERALL: streaming edits leave room for acknowledgements and finals
+STREAM_BUDGET = 45  # of OVERALL: streaming edits leave room for acknowledgements and finals
 STATUS_BUDGET = 30  # of OVERALL: status lines and typing only below this
 STATUS_KEEP = 2  # places of a channel or token that a status line never takes
 STALE = 1.5  # a streaming answer that has not asked again for this long no longer queues
 RETRY = 0.1  # seconds before a streaming edit that yielded its turn asks again
 
 Kind = Literal["urgent", "final", "streaming", "status"]
+_HELD: ContextVar[bool] = ContextVar("discord_place_held", default=False)  # this request has its place
 
 
 @dataclass
@@ -168,3 +170,27 @@ class Pacer:
 
     def release(self, slot: Slot) -> None:
         slot.done_at = self.clock()
+
+
+async def within(slot: Slot, pacer: Pacer, request: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a request in the place `slot` holds (and give the place back when it completes)."""
+    held = _HELD.set(True)
+    try:
+        return await request()
+    finally:
+        _HELD.reset(held)
+        pacer.release(slot)
+
+
+def cover_other_requests(http: Any, pacer: Pacer) -> None:
+    """Give every other REST request discord.py makes through the bot's HTTP client (logging
+    in, syncing commands, anything internal) a place too, ahead of streaming, so the overall
+    budget holds for the whole bot."""
+    original = http.request
+
+    async def request(route: Any, **options: Any) -> Any:
+        if _HELD.get():
+            return await original(route, **options)
+        return await within(await pacer.take(None, "urgent"), pacer, lambda: original(route, **options))
+
+    http.request = request

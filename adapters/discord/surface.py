@@ -25,7 +25,7 @@ from bot.messages import Incoming, MessageGone, Phase, RetryLater, SurfaceLimits
 from bot.splitting import split
 
 from . import texts  # noqa: F401  (registers the texts)
-from .pacing import RETRY, Kind
+from .pacing import RETRY, Kind, within
 
 if TYPE_CHECKING:
     from .adapter import DiscordAdapter
@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 DISCORD_MAX = 2000
 HEADER_RESERVE = 40  # "-# " + a persona title of at most 32 characters + newline
-LIMITS = SurfaceLimits(max_length=DISCORD_MAX - HEADER_RESERVE, min_edit_interval=1.0)
+LIMITS = SurfaceLimits(max_length=DISCORD_MAX - HEADER_RESERVE, min_edit_interval=1.0)  # channels: 5 writes / 5 s
+# An interaction token allows 5 requests / 2 s: about one edit a second, spaced from completion
+INTERACTION_LIMITS = SurfaceLimits(max_length=DISCORD_MAX - HEADER_RESERVE, min_edit_interval=0.9)
 GONE_CODES = {10003, 10008, 10015, 10062, 50027}  # unknown channel/message/webhook/interaction, dead token
 
 
@@ -170,13 +172,11 @@ class _Surface:
             if slot is None:  # the stream comes back with its newest text
                 raise RetryLater(max(RETRY, pacer.wait_for(scope, kind)))
         try:
-            return await request()
+            return await within(slot, pacer, request)
         except discord.HTTPException as exc:
             if exc.status == 429:
                 pacer.stats.rate_limited += 1
             raise
-        finally:
-            pacer.release(slot)
 
     def _scope(self, handle: Posted | None) -> str | None:
         """The bucket a write to `handle` (None: a new message) falls in."""
@@ -234,16 +234,14 @@ class MessageSurface(_Surface):
 
     async def typing(self) -> None:
         slot = self.adapter.pacer.try_take(None, "status")  # cosmetic: spare budget only
-        if slot is None:
-            return
-        try:
-            await self.message.channel.typing()
-        finally:
-            self.adapter.pacer.release(slot)
+        if slot is not None:
+            await within(slot, self.adapter.pacer, self.message.channel.typing)
 
 
 class InteractionSurface(_Surface):
     """Answers an application command (or a Regenerate press) through its interaction token."""
+
+    limits = INTERACTION_LIMITS
 
     def __init__(
         self, adapter: "DiscordAdapter", incoming: Incoming, interaction: discord.Interaction, *,
