@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     openai_timeout: float = Field(120.0, gt=0)
     openai_max_retries: int = Field(3, ge=0)
     # Requests in flight per server and model; beyond it the bot's fair queue. Servers batch
-    # (LMDeploy --max-batch-size: 128 on most GPUs; vLLM --max-num-seqs: 256) and queue the rest.
+    # (LMDeploy --max-batch-size: 128 by default; vLLM --max-num-seqs: 256) and queue the rest.
     openai_max_concurrent: int = Field(128, ge=1)
 
     model_hub: Literal["huggingface", "modelscope"] = "huggingface"
