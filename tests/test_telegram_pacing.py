@@ -102,7 +102,7 @@ async def _stream_in_rounds(fake: FakeTelegram, stream: ReplyStream, chat: int, 
         chunk = f"r{k}w{chat}s{id(stream)} "
         stream.feed(chunk)
         text += chunk
-        await fake.wait_until(lambda: any(w.chat_id == chat and chunk in w.text + " " for w in fake.writes), timeout=120)
+        await fake.wait_until(lambda: any(w.chat_id == chat and chunk in w.text + " " for w in fake.writes))
     await stream.finish()
     return text
 
