@@ -32,7 +32,8 @@ def regen_button_shown(fake: FakeTelegram, chat: int) -> bool:
     return bool(messages) and any(b.startswith("regen:") for b in fake.buttons(messages[-1]))
 
 
-async def test_private_ping_streams_to_exactly_pong_with_menu_and_buttons(make_app):
+async def test_private_ping_streams_to_exactly_pong_with_menu_and_buttons(make_app, monkeypatch):
+    monkeypatch.setattr("bot.streaming.TYPING_DELAY", 0.0)  # "typing…" at once, however fast the text
     async with FakeTelegram(TOKEN) as fake:
         app = make_app(**telegram_settings(fake))
         async with running_bot(app):
