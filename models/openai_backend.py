@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 IMAGE_TOKENS = 1225  # what a picture costs XComposer2 (35x35 patches); a budget, not exact
 JPEG_QUALITY = 90
 CANCEL_POLL = 0.05  # seconds between checks of the cancel flag while the server is silent
+WARM_UP_TIMEOUT = 10.0  # seconds for the start-up request that opens the first connection
 _DOWN_STATUSES = (502, 503, 504)  # a proxy in front of a dead engine
 
 
@@ -101,6 +102,7 @@ class OpenAIBackend:
         self.variable = variable
         self.backoff, self.backoff_max = backoff, backoff_max
         self._client: tuple[asyncio.AbstractEventLoop, AsyncOpenAI] | None = None
+        self._warming: asyncio.Task | None = None
 
     @classmethod
     def from_spec(cls, spec) -> "OpenAIBackend":
@@ -119,8 +121,19 @@ class OpenAIBackend:
         return self._client[1]
 
     def prepare(self) -> None:
-        """At start: build the client (and its imports) now, not on the first request."""
+        """At start: build the client now, and in the background open a connection with one
+        cheap request (`GET /models`), so the first user's request finds everything warm (a
+        cold first request took 150 ms instead of 15). A server that is not up yet is fine."""
         self.client()
+        self._warming = asyncio.create_task(self._warm_up())
+
+    async def _warm_up(self) -> None:
+        started = time.perf_counter()
+        try:
+            await self.client().with_options(timeout=WARM_UP_TIMEOUT).models.list()
+            log.info("%s answered in %.0f ms", self.base_url, 1000 * (time.perf_counter() - started))
+        except Exception as exc:  # the first user's request will try (and report) again
+            log.info("%s is not reachable yet (%s)", self.base_url, type(exc).__name__)
 
     def count_tokens(self, messages: list[ChatMessage]) -> int:
         total = 3  # the assistant prompt
