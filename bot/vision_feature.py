@@ -178,11 +178,11 @@ class VisionResponder:
 
         def prompt(backend: ChatBackend) -> list[ChatMessage]:
             nonlocal image
-            side = int(getattr(backend, "image_side", 0) or 0)
+            side = backend.capabilities.image_side
             if side and max(image.size) > side:  # taken in before the model was loaded: shrink to its size now
                 image = image.copy()
                 image.thumbnail((side, side), Image.Resampling.BICUBIC)
-            reserve = persona.params.max_new_tokens + int(getattr(backend, "image_tokens", 0))
+            reserve = persona.params.max_new_tokens + backend.capabilities.image_tokens
             messages = fit_to_context(backend, system, history, question, reserve)
             first = next(i for i, m in enumerate(messages) if m.role == "user")
             messages[first] = replace(messages[first], image=image)  # the picture goes with the first question kept
@@ -220,7 +220,8 @@ class ImageHandler:
             else:
                 await surface.post(t("image_needed" if args.strip() else "greeting_vision", lang), phase="notice")
             return
-        side = int(getattr(app.hub.get(persona.role).backend, "image_side", None) or DEFAULT_SIDE)
+        capabilities = app.hub.get(persona.role).capabilities  # None: not loaded yet
+        side = (capabilities and capabilities.image_side) or DEFAULT_SIDE
         started = time.perf_counter()
         try:
             picture = await prepare_image(

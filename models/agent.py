@@ -28,7 +28,7 @@ from lagent.llms import BaseModel
 from lagent.schema import AgentReturn, AgentStatusCode, ModelStatusCode
 
 from .agent_tools import ArxivPapers, SandboxedPython
-from .base import Cancel, ChatBackend, ChatMessage, GenerationParams, ModelError, StreamStats
+from .base import Cancel, ChatBackend, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
 from .prompting import trim_history
 from .registry import ScheduledModel, WaitCallback
 from .sandbox import Sandbox
@@ -133,7 +133,6 @@ class ScheduledLLM(BaseModel):
         self.model = model
         self.params = params
         self.context = context
-        self.in_process = model.spec.backend == "transformers"
 
     def generate(self, inputs, **gen_params) -> str:
         raise NotImplementedError("the agent calls chat/stream_chat with messages")
@@ -150,13 +149,14 @@ class ScheduledLLM(BaseModel):
         if ctx.cancel.is_set:
             yield ModelStatusCode.SESSION_CLOSED, "", None
             return
-        messages = to_chat_messages(inputs, named_roles=self.in_process)
         reserve = self.params.max_new_tokens
 
         def prompt(backend: ChatBackend) -> list[ChatMessage]:
+            if not backend.capabilities.agent:
+                raise ModelUnavailable(f"{self.model.spec.variable}={self.model.spec.model} cannot run the agent")
+            messages = to_chat_messages(inputs, named_roles=backend.capabilities.special_tokens)
             return fit_history(backend.count_tokens, backend.context_window - reserve, messages, ctx.n_history)
 
-        options = {"skip_special_tokens": False} if self.in_process else {}  # keep <|action_start|> etc.
         items: queue.Queue = queue.Queue()
         step_stats = StreamStats()
         abandoned = Cancel()  # lagent closed this generator early: stop this step only
@@ -170,7 +170,7 @@ class ScheduledLLM(BaseModel):
                     return
                 stream = self.model.stream(
                     prompt, params=self.params, cancel=_Either(ctx.cancel, abandoned), tenant=ctx.tenant,
-                    on_wait=ctx.on_wait, stats=step_stats, **options,
+                    on_wait=ctx.on_wait, stats=step_stats, special_tokens=True,  # keep <|action_start|> etc.
                 )
                 async with aclosing(stream) as deltas:
                     async for delta in deltas:

@@ -28,9 +28,10 @@ import torch
 import transformers
 from packaging.version import Version
 
-from .base import Cancel, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
+from .base import Cancel, Capabilities, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
 from .devices import describe_memory, pick_device, pick_dtype
-from .transformers_backend import END_OF_TURN_TOKENS, sampling_kwargs, stream_from_thread
+from .generation import XCOMPOSER2_IMAGE_TOKENS, end_of_turn_ids, sampling_kwargs
+from .transformers_backend import stream_from_thread
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ IMAGE_TEXT_TO_TEXT = "image-text-to-text"
 # reported working up to 4.40; transformers 4.46 changed CLIP's position embeddings under it.
 XCOMPOSER2_TRANSFORMERS = (Version("4.33"), Version("4.46"))
 XCOMPOSER2_IMAGE_SIDE = 490
-XCOMPOSER2_IMAGE_TOKENS = 1225  # (490 / 14) ** 2 visual tokens
 IMAGE_PLACEHOLDER = "<ImageHere>"
 
 LMDEPLOY_HINT = (
@@ -107,18 +107,6 @@ def check_xcomposer2_supported(model: str, variable: str = "VISION_MODEL", insta
         )
 
 
-def _eos_ids(tokenizer, generation_config) -> list[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(generation_config, "eos_token_id", None)
-    if configured is not None:
-        ids.update([configured] if isinstance(configured, int) else configured)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return sorted(ids)
-
-
 class ImageTextToTextBackend:
     """A transformers-native VLM: processor chat template, pixel values, `generate`."""
 
@@ -131,6 +119,10 @@ class ImageTextToTextBackend:
         self.image_side = 0  # the picture size the processor resizes to: intake shrinks to this
         self.image_tokens = 0  # prompt tokens one picture takes
         self.last_worker = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(images=True, image_side=self.image_side, image_tokens=self.image_tokens)
 
     def load(self) -> None:
         from transformers import AutoModelForImageTextToText, AutoModelForVision2Seq, AutoProcessor
@@ -150,7 +142,7 @@ class ImageTextToTextBackend:
         text_config = getattr(model.config, "text_config", model.config)
         limit = getattr(text_config, "max_position_embeddings", None) or self.max_context_tokens
         self.context_window = min(self.max_context_tokens, int(limit))
-        self.eos_ids = _eos_ids(self.tokenizer, model.generation_config)
+        self.eos_ids = end_of_turn_ids(self.tokenizer, model.generation_config)
         self.image_side = _processor_side(self.processor)
         self.image_tokens = self._measure_image_tokens()
         log.info(
@@ -246,6 +238,7 @@ class XComposer2Backend:
 
     image_side = XCOMPOSER2_IMAGE_SIDE
     image_tokens = XCOMPOSER2_IMAGE_TOKENS
+    capabilities = Capabilities(images=True, image_side=XCOMPOSER2_IMAGE_SIDE, image_tokens=XCOMPOSER2_IMAGE_TOKENS)
 
     def __init__(self, path: str, *, device: str = "auto", max_context_tokens: int = 4096) -> None:
         self.path = self.name = path
@@ -268,7 +261,7 @@ class XComposer2Backend:
         self.model = model.to(self.device).eval()
         self.model.tokenizer = self.tokenizer  # some of its methods read it from the model
         self.context_window = min(self.context_window, int(getattr(model.config, "max_length", 4096) or 4096))
-        self.eos_ids = _eos_ids(self.tokenizer, model.generation_config)
+        self.eos_ids = end_of_turn_ids(self.tokenizer, model.generation_config)
         for token in ("[UNUSED_TOKEN_145]",):  # its end of turn (<|im_end|>)
             self.eos_ids.append(int(self.tokenizer.convert_tokens_to_ids(token)))
         log.info("loaded XComposer2 %s in %.1fs, %s", self.path, time.perf_counter() - started,
@@ -310,9 +303,7 @@ class XComposer2Backend:
         pixels = None
         if image is not None:  # its own 490x490 preprocessing, off the event loop
             pixels = await asyncio.to_thread(lambda: self.model.vis_processor(image).unsqueeze(0).to(self.device, torch.float16))
-        options = dict(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy)
-        if not params.greedy:
-            options.update(temperature=params.temperature, top_p=params.top_p)
+        options = sampling_kwargs(params)
         if system is not None:
             options["meta_instruction"] = system
 
