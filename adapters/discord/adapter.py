@@ -15,6 +15,7 @@ import asyncio
 import logging
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import aiohttp
@@ -50,6 +51,13 @@ class _Client(discord.Client):
         await self.adapter.on_message(message)
 
 
+@dataclass(frozen=True)
+class _MenuEntry:
+    command: str
+    description_key: str
+    argument: str  # "prompt", "image" or "none"
+
+
 class DiscordAdapter:
     name = "discord"
 
@@ -70,9 +78,34 @@ class DiscordAdapter:
             self, intents=intents, allowed_mentions=discord.AllowedMentions.none(),  # model text never pings
             guild_ready_timeout=guild_ready_timeout,
         )
-        self.tree = build_tree(self.client, self)
+        self.tree = build_tree(self.client, self._menu(), self.on_command)
         self._running: dict[asyncio.Task, str] = {}  # answers in flight -> session key
         self._closing = False
+
+    def _menu(self) -> list[_MenuEntry]:
+        """The core's command menu, with the argument each command takes."""
+        prompt_commands = {p.command for p in self.app.personas.values()} | {"agent"}
+        return [
+            _MenuEntry(name, key, "image" if name == "image" else "prompt" if name in prompt_commands else "none")
+            for name, key in self.app.commands()
+        ]
+
+    def _title(self, incoming: Incoming) -> Callable[[], str]:
+        """The answering persona's title for the surface's header (read at its first write)."""
+        def title() -> str:
+            persona = self.app.current_persona(self.app.session_key(incoming))
+            try:
+                return t(persona.title_key, incoming.language or "en")
+            except KeyError:
+                return persona.name
+
+        return title
+
+    def _interaction_surface(self, incoming: Incoming, interaction: discord.Interaction, received: float) -> InteractionSurface:
+        return InteractionSurface(
+            incoming, interaction, self._title(incoming), received_at=received, clock=self.clock,
+            switch_after=self.switch_after, token_lifetime=self.token_lifetime,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -191,7 +224,7 @@ class DiscordAdapter:
             return
         image = self._image(attachment) if attachment is not None else None
         incoming = self._from_interaction(interaction, command, text, image)
-        surface = InteractionSurface(self, incoming, interaction, received_at=received, clock=self.clock)
+        surface = self._interaction_surface(incoming, interaction, received)
         await self._serve(incoming, self._answer(incoming, surface, self.app.handle))
 
     async def _answer(self, incoming: Incoming, surface: InteractionSurface,
@@ -214,7 +247,7 @@ class DiscordAdapter:
         if self._closing:
             return
         await interaction.response.defer(thinking=True)
-        surface = InteractionSurface(self, incoming, interaction, received_at=received, clock=self.clock)
+        surface = self._interaction_surface(incoming, interaction, received)
         await self._serve(incoming, self._answer(incoming, surface, self.app.regenerate))
 
     # -- mentions and DMs ------------------------------------------------------------------------------
@@ -236,7 +269,7 @@ class DiscordAdapter:
             language=self._message_language(message, text), user_name=message.author.name,
             image=self._image(images[0]) if images else None,
         )
-        await self._serve(incoming, self.app.handle(incoming, MessageSurface(self, incoming, message)))
+        await self._serve(incoming, self.app.handle(incoming, MessageSurface(incoming, message, self._title(incoming))))
 
     @staticmethod
     def _message_language(message: discord.Message, text: str) -> str | None:

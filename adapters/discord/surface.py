@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import discord
 
@@ -25,9 +25,6 @@ from bot.messages import Incoming, MessageGone, Phase, RetryLater, SurfaceLimits
 from bot.splitting import split
 
 from . import texts  # noqa: F401  (registers the texts)
-
-if TYPE_CHECKING:
-    from .adapter import DiscordAdapter
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +69,7 @@ class OwnedButton(discord.ui.DynamicItem[discord.ui.Button], template=r"internlm
         return False
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        adapter: DiscordAdapter = interaction.client.adapter  # type: ignore[attr-defined]
-        await adapter.on_button(interaction, self.action)
+        await interaction.client.adapter.on_button(interaction, self.action)  # type: ignore[attr-defined]
 
 
 def button_for(phase: Phase) -> str | None:
@@ -115,9 +111,9 @@ def _translate(exc: discord.HTTPException) -> Exception:
 class _Surface:
     limits = LIMITS
 
-    def __init__(self, adapter: "DiscordAdapter", incoming: Incoming, owner: int) -> None:
-        self.adapter = adapter
+    def __init__(self, incoming: Incoming, owner: int, title: Callable[[], str]) -> None:
         self.incoming = incoming
+        self.title = title  # the answering persona's title, in the user's language
         self.owner = owner
         self.lang = incoming.language or "en"
         self.writes = 0
@@ -156,13 +152,7 @@ class _Surface:
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _header(self) -> str:
-        app = self.adapter.app
-        persona = app.current_persona(app.session_key(self.incoming))
-        try:
-            title = t(persona.title_key, self.lang)
-        except KeyError:
-            title = persona.name
-        return persona_header(title)
+        return persona_header(self.title())
 
     async def _post(self, handle: Posted, text: str, phase: Phase) -> Posted:
         content = handle.header + text
@@ -189,8 +179,8 @@ def _view_kwargs(view: discord.ui.View | None) -> dict[str, Any]:
 class MessageSurface(_Surface):
     """Answers a mention or DM: reply to the user's message, then edit the reply."""
 
-    def __init__(self, adapter: "DiscordAdapter", incoming: Incoming, message: discord.Message) -> None:
-        super().__init__(adapter, incoming, message.author.id)
+    def __init__(self, incoming: Incoming, message: discord.Message, title: Callable[[], str]) -> None:
+        super().__init__(incoming, message.author.id, title)
         self.message = message
 
     async def _create(self, handle: Posted, content: str, view: discord.ui.View | None) -> None:
@@ -209,14 +199,14 @@ class InteractionSurface(_Surface):
     """Answers an application command (or a Regenerate press) through its interaction token."""
 
     def __init__(
-        self, adapter: "DiscordAdapter", incoming: Incoming, interaction: discord.Interaction, *,
-        received_at: float, clock: Callable[[], float],
+        self, incoming: Incoming, interaction: discord.Interaction, title: Callable[[], str], *,
+        received_at: float, clock: Callable[[], float], switch_after: float, token_lifetime: float,
     ) -> None:
-        super().__init__(adapter, incoming, interaction.user.id)
+        super().__init__(incoming, interaction.user.id, title)
         self.interaction = interaction
         self.clock = clock
-        self.switch_at = received_at + adapter.switch_after  # from here on: channel messages
-        self.expires_at = received_at + adapter.token_lifetime
+        self.switch_at = received_at + switch_after  # from here on: channel messages
+        self.expires_at = received_at + token_lifetime
         self.original_written = False
         self.token_dead = False
 
