@@ -9,8 +9,9 @@ Two kinds of checkpoint, told apart by their config.json:
   `AutoProcessor` + the auto class that maps the model type, prompted with the processor's chat
   template, so any VLM transformers supports natively works here.
 
-Both stream through `transformers_backend.stream_from_thread`: `generate` on a worker thread,
-cancellation by a stopping criterion after every token, stop strings, stats.
+Both stream through `threaded.ThreadedBackend` (`transformers_backend.stream_from_thread`):
+`generate` on a worker thread, cancellation by a stopping criterion after every token, stop
+strings, stats.
 """
 
 from __future__ import annotations
@@ -20,18 +21,16 @@ import inspect
 import json
 import logging
 import time
-from contextlib import aclosing
 from pathlib import Path
-from typing import AsyncIterator
 
 import torch
 import transformers
 from packaging.version import Version
 
-from .base import Cancel, Capabilities, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
+from .base import Capabilities, ChatMessage, GenerationParams, ModelUnavailable
 from .devices import describe_memory, pick_device, pick_dtype
 from .generation import XCOMPOSER2_IMAGE_TOKENS, end_of_turn_ids, sampling_kwargs
-from .transformers_backend import stream_from_thread
+from .threaded import Generation, ThreadedBackend
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ def check_xcomposer2_supported(model: str, variable: str = "VISION_MODEL", insta
         )
 
 
-class ImageTextToTextBackend:
+class ImageTextToTextBackend(ThreadedBackend):
     """A transformers-native VLM: processor chat template, pixel values, `generate`."""
 
     def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto", max_context_tokens: int = 8192) -> None:
@@ -194,30 +193,15 @@ class ImageTextToTextBackend:
             out[key] = value
         return out
 
-    # -- generation ----------------------------------------------------------------------
-    async def stream(
-        self, messages: list[ChatMessage], *, params: GenerationParams, cancel: Cancel,
-        stats: StreamStats | None = None, skip_special_tokens: bool = True,
-    ) -> AsyncIterator[str]:
-        if self.model is None:
-            raise ModelError(f"model {self.path} is not loaded")
+    # -- generation (ThreadedBackend.stream runs it) -------------------------------------
+    async def _generation(self, messages: list[ChatMessage], params: GenerationParams) -> Generation:
         inputs = await asyncio.to_thread(self.inputs, messages)  # image preprocessing: off the event loop
         kwargs = dict(inputs, eos_token_id=self.eos_ids, pad_token_id=self.eos_ids[0], **sampling_kwargs(params))
 
         def generate(bridge: dict) -> None:
             self.model.generate(**kwargs, **bridge)
 
-        deltas = stream_from_thread(
-            generate, tokenizer=self.tokenizer, eos_ids=self.eos_ids, params=params, cancel=cancel, stats=stats,
-            prompt_tokens=int(kwargs["input_ids"].shape[1]), name=self.path, skip_special_tokens=skip_special_tokens,
-            on_worker=self._started,
-        )
-        async with aclosing(deltas):
-            async for delta in deltas:
-                yield delta
-
-    def _started(self, worker) -> None:
-        self.last_worker = worker
+        return generate, int(kwargs["input_ids"].shape[1])
 
 
 def _processor_side(processor) -> int:
@@ -233,7 +217,7 @@ def _processor_side(processor) -> int:
     return 0
 
 
-class XComposer2Backend:
+class XComposer2Backend(ThreadedBackend):
     """InternLM-XComposer2 through its remote code's `chat` (CUDA, float16)."""
 
     image_side = XCOMPOSER2_IMAGE_SIDE
@@ -293,12 +277,7 @@ class XComposer2Backend:
         images = sum(m.image is not None for m in messages)
         return len(self.tokenizer(text)["input_ids"]) + self.image_tokens * images
 
-    async def stream(
-        self, messages: list[ChatMessage], *, params: GenerationParams, cancel: Cancel,
-        stats: StreamStats | None = None, skip_special_tokens: bool = True,
-    ) -> AsyncIterator[str]:
-        if self.model is None:
-            raise ModelError(f"model {self.path} is not loaded")
+    async def _generation(self, messages: list[ChatMessage], params: GenerationParams) -> Generation:
         system, history, query, image = self.split(messages)
         pixels = None
         if image is not None:  # its own 490x490 preprocessing, off the event loop
@@ -310,14 +289,4 @@ class XComposer2Backend:
         def generate(bridge: dict) -> None:
             self.model.chat(self.tokenizer, query, pixels, history, **bridge, **options)
 
-        deltas = stream_from_thread(
-            generate, tokenizer=self.tokenizer, eos_ids=self.eos_ids, params=params, cancel=cancel, stats=stats,
-            prompt_tokens=self.count_tokens(messages), name=self.path, skip_special_tokens=skip_special_tokens,
-            on_worker=self._started,
-        )
-        async with aclosing(deltas):
-            async for delta in deltas:
-                yield delta
-
-    def _started(self, worker) -> None:
-        self.last_worker = worker
+        return generate, self.count_tokens(messages)
