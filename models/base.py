@@ -8,7 +8,7 @@ thread, or closing the HTTP stream), not just the consumer.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Protocol
 
 
@@ -69,7 +69,6 @@ class StreamStats:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,6 @@ class ModelHub:
     """The roles of one bot process."""
 
     def __init__(self, specs: dict[str, RoleSpec], factory: Callable[[RoleSpec], ChatBackend] = build_backend) -> None:
-        self.specs = specs
         self._shared: dict[tuple, ScheduledModel] = {}
         self._by_role: dict[str, ScheduledModel] = {}
         for role, spec in specs.items():
