@@ -30,7 +30,7 @@ PLATFORMS: tuple[Platform, ...] = (
         allowed_users="telegram_allowed_users", allowed_chats="telegram_allowed_chats",
     ),
     Platform(
-        "discord", "discord_bot_token", "adapters.discord_bot:DiscordAdapter",
+        "discord", "discord_bot_token", "adapters.discord:DiscordAdapter",
         allowed_users="discord_allowed_users", allowed_chats="discord_allowed_channels",
         allowed_guilds="discord_allowed_guilds",
     ),
