@@ -129,6 +129,9 @@ class PictureRecorder:
 
     async def respond(self, turn):
         image, picture = turn.msg.image, turn.picture
+        if image is None:  # a follow-up question about the picture
+            yield "follow-up"
+            return
         self.seen.append((turn.text, image.size, image.mime_type, picture.prepared.source_format, picture.prepared.source_bytes))
         yield f"got {picture.prepared.source_bytes} bytes"
 

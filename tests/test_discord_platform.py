@@ -72,11 +72,12 @@ async def test_images_in_messages_and_slash_commands_reach_the_image_path(make_a
         assert recorder.seen == [
             ("what is this?", len(png), "image/png", "PNG", len(png)), ("colour?", len(jpeg), "image/jpeg", "JPEG", len(jpeg)),
         ]
-        # A non-image attachment is not an image question: the text is answered as usual.
+        # A non-image attachment is not an image question: the text is answered as usual (here as a
+        # follow-up about the picture, the current conversation), and the file is not downloaded.
         plain = await fake.send_message(fake.alice, fake.channel, "ping", mention_bot=True,
                                         attachments=[fake.add_file("notes.txt", b"hello", "text/plain")])
         reply = await fake.wait_for(lambda: next((m for m in fake.bot_messages() if m.reference_id == plain.id and is_done(m)), None))
-        assert reply.content.endswith("\npong") and fake.file_downloads == 2
+        assert reply.content.endswith("\nfollow-up") and fake.file_downloads == 2 and len(recorder.seen) == 2
         assert fake.errors == []
 
 

@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SKIPPED = {"start"}  # Telegram's convention; /help covers it on Discord
-IMAGE_COMMANDS = {"image"}
 HASH_FILE = "discord_commands.json"
 CHINESE = {discord.Locale.chinese}  # zh-CN; other locales see English
 
@@ -46,20 +44,13 @@ class I18nTranslator(app_commands.Translator):
 
 
 def build_tree(client: discord.Client, adapter: "DiscordAdapter") -> app_commands.CommandTree:
-    """One app command per entry of the core's menu: persona commands (and /agent) take a prompt,
-    /image takes an attachment and a question, the rest take nothing."""
+    """One app command per declared feature in the core's menu (bot/features.py), shaped by its
+    argument: a prompt, an image with a question, or nothing."""
     tree = app_commands.CommandTree(client)
-    prompt_commands = {p.command for p in adapter.app.personas.values()} | {"agent"}
-    for name, description_key in adapter.app.commands():
-        if name in SKIPPED:
-            continue
-        if name in IMAGE_COMMANDS:
-            callback = _image_callback(adapter, name)
-        elif name in prompt_commands:
-            callback = _prompt_callback(adapter, name)
-        else:
-            callback = _plain_callback(adapter, name)
-        tree.add_command(app_commands.Command(name=name, description=text(description_key), callback=callback))
+    callbacks = {"prompt": _prompt_callback, "image": _image_callback, "none": _plain_callback}
+    for feature in adapter.app.menu("discord"):
+        callback = callbacks[feature.argument](adapter, feature.command)
+        tree.add_command(app_commands.Command(name=feature.command, description=text(feature.description_key), callback=callback))
     return tree
 
 
