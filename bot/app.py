@@ -143,9 +143,10 @@ class App:
 
     # -- the entry points ----------------------------------------------------------------
     async def handle(self, msg: Incoming, surface: ReplySurface) -> None:
-        with self._tracked(msg):
+        key = self.session_key(msg)
+        with self._tracked(msg.platform, key):
             try:
-                req = self._route(msg, surface)
+                req = self._route(msg, surface, key)
                 self._context(req, self.current_persona(req.key))
                 if await self._admitted(req):
                     await self._dispatch(req)
@@ -155,8 +156,8 @@ class App:
 
     async def regenerate(self, msg: Incoming, surface: ReplySurface) -> None:
         """Ask the last question of the current persona again, replacing its answer."""
-        with self._tracked(msg):
-            key = self.session_key(msg)
+        key = self.session_key(msg)
+        with self._tracked(msg.platform, key):
             persona = self.current_persona(key)
             req = Request(msg, surface, key, None, "", self.features.by_persona.get(persona.name))
             self._context(req, persona)
@@ -171,8 +172,7 @@ class App:
             else:
                 await self.ask(req, persona, last.content, attachment=last.attachment)
 
-    def _route(self, msg: Incoming, surface: ReplySurface) -> Request:
-        key = self.session_key(msg)
+    def _route(self, msg: Incoming, surface: ReplySurface, key: str) -> Request:
         command, args = self._parse(msg)
         if msg.image is not None:
             feature = self.features.taking_images()
@@ -420,10 +420,10 @@ class App:
 
     # -- shutdown: one policy for every adapter --------------------------------------------
     @contextmanager
-    def _tracked(self, msg: Incoming) -> Iterator[None]:
+    def _tracked(self, platform: str, key: str) -> Iterator[None]:
         task = asyncio.current_task()
         if task is not None:
-            self._inflight[task] = (msg.platform, self.session_key(msg))
+            self._inflight[task] = (platform, key)
         try:
             yield
         finally:
