@@ -94,14 +94,14 @@ class App:
         clock: Callable[[], float] = time.monotonic,
         features: Sequence[Feature] = FEATURES,
     ) -> None:
+        self.features = Catalogue(features)  # first: a wrong declaration stops the start before anything opens
+        register(self.features.texts())
         self.settings = settings
         self.clock = clock
         self.hub = hub or ModelHub(role_specs(settings))
         self.store = store or HistoryStore(settings.db_path)
         if self.store.recovered:
             log.warning("marked %d answers cut by a previous crash as interrupted", self.store.recovered)
-        self.features = Catalogue(features)
-        register(self.features.texts())
         self.access = AccessPolicy(settings)
         self.buckets = {
             name: TokenBucket(getattr(settings, size), getattr(settings, refill), clock)

@@ -149,6 +149,9 @@ class Catalogue:
         for f in self.features:
             if f.bucket not in RATE_BUCKETS:
                 raise ValueError(f"/{f.command}: unknown rate bucket {f.bucket!r}")
+            needed = [f.description_key] + ([f"persona_{f.persona}", f"greeting_{f.persona}"] if f.persona else [])
+            if missing := [key for key in needed if key not in f.texts]:
+                raise ValueError(f"/{f.command} lacks its texts {missing}")
 
     def menu(self, platform: str | None = None) -> list[Feature]:
         return [f for f in self.features if platform not in f.hidden_on]

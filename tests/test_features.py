@@ -103,3 +103,12 @@ async def test_a_declared_persona_reaches_both_platforms_menus(pirate_app):
         assert synced["pirate"]["description"] == "Talk like a pirate"
         assert synced["pirate"]["description_localizations"]["zh-CN"] == "用海盗的口吻聊天"
         assert [o["name"] for o in synced["pirate"]["options"]] == ["prompt"]
+
+
+def test_a_declaration_without_its_texts_is_refused_at_start(make_settings):
+    from bot.features import Catalogue
+
+    with pytest.raises(ValueError, match="greeting_pirate"):
+        Catalogue((*FEATURES, replace(PIRATE, texts={k: v for k, v in PIRATE.texts.items() if k != "greeting_pirate"})))
+    with pytest.raises(ValueError, match="lacks"):
+        App(make_settings(), features=(*FEATURES, replace(PIRATE, texts={**PIRATE.texts, "cmd_pirate": {"en": "only English"}})))
