@@ -11,17 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import aclosing
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from models.agent import StepContext, build_turn, run_agent
 from models.agent_events import AgentEvent, CodeRun, FinalAnswer, Thinking, ToolCall, WritingCode, WritingToolCall
-from models.base import GenerationParams
 from models.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
 
-from .app import App
 from .i18n import register, t
-from .personas import Persona
 from .responders import Turn
+
+if TYPE_CHECKING:
+    from .app import App
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,6 @@ TEXTS = {
     "agent_max_turns": {
         "en": "(stopped after {n} steps without a final answer)",
         "zh": "（已执行 {n} 步，仍未得出最终回答）",
-    },
-    "agent_not_allowed": {
-        "en": "Sorry, the agent is only available to some users of this bot.",
-        "zh": "抱歉，智能体只对本机器人的部分用户开放。",
     },
     "agent_help": {
         "en": "Agent (/agent): InternLM2 with tools: {tools}. It answers in steps: you see the code it runs, the output, then the answer.",
@@ -233,27 +229,30 @@ class StepRenderer:
         self.language = ""
 
 
+register(TEXTS)
+
+
 class AgentResponder:
-    def __init__(self, app: App, sandbox: Sandbox | None) -> None:
-        self.app = app
-        self.sandbox = sandbox
+    """The agent persona's responder (declared in bot/features.py)."""
+
+    def __init__(self, app: "App") -> None:
+        self.hub = app.hub
         self.settings = app.settings
+        unknown = [name for name in self.settings.enabled_tools if name not in ("python", "arxiv")]
+        if unknown:
+            log.warning("AGENT_TOOLS: unknown tools ignored: %s", ", ".join(unknown))
+        self.sandbox = make_sandbox(self.settings)
 
     def respond(self, turn: Turn) -> AsyncIterator[str]:
         return self._respond(turn)
 
     async def _respond(self, turn: Turn) -> AsyncIterator[str]:
-        if not self.app.access.allows_role(turn.msg, "agent"):  # e.g. a shared group session
-            log.info("refused %s for the agent (AGENT_ALLOWED_USERS)", turn.tenant)
-            turn.stored_answer = ""
-            yield t("agent_not_allowed", turn.lang)
-            return
         context = StepContext(
             loop=asyncio.get_running_loop(), cancel=turn.cancel, tenant=turn.tenant, on_wait=turn.on_wait,
             stats=turn.stats,
         )
         agent_turn = build_turn(
-            self.app.hub.get("agent"), turn.persona.params, context, sandbox=self.sandbox,
+            self.hub.get(turn.persona.role), turn.persona.params, context, sandbox=self.sandbox,
             tools=self.settings.enabled_tools, max_turn=self.settings.agent_max_turn,
             history=turn.history, question=turn.text,
         )
@@ -306,19 +305,3 @@ def help_section(settings, sandbox: Sandbox | None, lang: str) -> str:
                 processes=lim.max_processes, chars=lim.max_output_chars,
             )
     return text
-
-
-def install(app: App) -> None:
-    """Add the agent persona, its responder, /help section and texts."""
-    register(TEXTS)
-    settings = app.settings
-    unknown = [name for name in settings.enabled_tools if name not in ("python", "arxiv")]
-    if unknown:
-        log.warning("AGENT_TOOLS: unknown tools ignored: %s", ", ".join(unknown))
-    sandbox = make_sandbox(settings)
-    params = GenerationParams(
-        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
-    )
-    persona = Persona("agent", "agent", "agent", None, params)
-    app.add_persona(persona, AgentResponder(app, sandbox))
-    app.help_sections.append(lambda lang: help_section(settings, sandbox, lang))

@@ -59,10 +59,9 @@ def make_app(make_settings):
     apps: list[App] = []
 
     def make(settings: Settings | None = None, **overrides) -> App:
-        from bot.features import install_features
+        from launcher.compose import build_app
 
-        app = App(settings or make_settings(**overrides))
-        install_features(app)
+        app = build_app(settings or make_settings(**overrides))
         apps.append(app)
         return app
 

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import re
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import aiohttp
@@ -32,7 +31,7 @@ from .surface import InteractionSurface, MessageSurface, OwnedButton
 log = logging.getLogger(__name__)
 
 QUIET_COMMANDS = {"help", "reset", "stop", "persona"}  # answered ephemerally: only the user sees them
-SHUTDOWN_GRACE = 10.0  # seconds answers get to finish (as "stopped") on shutdown
+SURFACE_CLOSE_WAIT = 5.0  # seconds for answers' surfaces to close after the core drained them
 _CJK = re.compile(r"[\u3400-\u9fff]")
 
 
@@ -49,13 +48,6 @@ class _Client(discord.Client):
 
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
-
-
-@dataclass(frozen=True)
-class _MenuEntry:
-    command: str
-    description_key: str
-    argument: str  # "prompt", "image" or "none"
 
 
 class DiscordAdapter:
@@ -78,32 +70,13 @@ class DiscordAdapter:
             self, intents=intents, allowed_mentions=discord.AllowedMentions.none(),  # model text never pings
             guild_ready_timeout=guild_ready_timeout,
         )
-        self.tree = build_tree(self.client, self._menu(), self.on_command)
-        self._running: dict[asyncio.Task, str] = {}  # answers in flight -> session key
+        self.tree = build_tree(self.client, self.app.menu(self.name), self.on_command)
+        self._running: set[asyncio.Task] = set()  # answers in flight, with their surface's closing
         self._closing = False
-
-    def _menu(self) -> list[_MenuEntry]:
-        """The core's command menu, with the argument each command takes."""
-        prompt_commands = {p.command for p in self.app.personas.values()} | {"agent"}
-        return [
-            _MenuEntry(name, key, "image" if name == "image" else "prompt" if name in prompt_commands else "none")
-            for name, key in self.app.commands()
-        ]
-
-    def _title(self, incoming: Incoming) -> Callable[[], str]:
-        """The answering persona's title for the surface's header (read at its first write)."""
-        def title() -> str:
-            persona = self.app.current_persona(self.app.session_key(incoming))
-            try:
-                return t(persona.title_key, incoming.language or "en")
-            except KeyError:
-                return persona.name
-
-        return title
 
     def _interaction_surface(self, incoming: Incoming, interaction: discord.Interaction, received: float) -> InteractionSurface:
         return InteractionSurface(
-            incoming, interaction, self._title(incoming), received_at=received, clock=self.clock,
+            incoming, interaction, received_at=received, clock=self.clock,
             switch_after=self.switch_after, token_lifetime=self.token_lifetime,
         )
 
@@ -159,18 +132,12 @@ class DiscordAdapter:
         return False
 
     async def _shutdown(self) -> None:
-        """Stop the answers in flight (they end with "⏹ stopped"), then close the connection."""
+        """Take no new work, let the core drain the answers in flight (its one shutdown policy),
+        let their surfaces close, then close the connection."""
         self._closing = True
-        deadline = time.monotonic() + SHUTDOWN_GRACE
-        while self._running and time.monotonic() < deadline:
-            for key in set(self._running.values()):  # again and again: queued answers start meanwhile
-                self.app.stop(key)
-            await asyncio.wait(list(self._running), timeout=0.1)
-        late = list(self._running)
-        for task in late:
-            task.cancel()
-        if late:
-            await asyncio.wait(late, timeout=5)
+        await self.app.drain(self.name)
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=SURFACE_CLOSE_WAIT)
         await self.client.close()
         log.info("Discord adapter stopped")
 
@@ -178,11 +145,11 @@ class DiscordAdapter:
         """Run one answer, tracked for shutdown."""
         task = asyncio.current_task()
         assert task is not None
-        self._running[task] = self.app.session_key(incoming)
+        self._running.add(task)
         try:
             await work
         finally:
-            self._running.pop(task, None)
+            self._running.discard(task)
 
     # -- turning Discord events into Incoming -------------------------------------------------------
     @staticmethod
@@ -238,7 +205,7 @@ class DiscordAdapter:
         received = self.clock()
         incoming = self._from_interaction(interaction, None, "")
         if action == "stop":
-            stopped = self.app.stop(self.app.session_key(incoming))
+            stopped = self.app.stop_for(incoming)
             if stopped:
                 await interaction.response.defer()  # the answer itself shows "⏹ stopped"
             else:
@@ -269,7 +236,7 @@ class DiscordAdapter:
             language=self._message_language(message, text), user_name=message.author.name,
             image=self._image(images[0]) if images else None,
         )
-        await self._serve(incoming, self.app.handle(incoming, MessageSurface(incoming, message, self._title(incoming))))
+        await self._serve(incoming, self.app.handle(incoming, MessageSurface(incoming, message)))
 
     @staticmethod
     def _message_language(message: discord.Message, text: str) -> str | None:

@@ -23,7 +23,6 @@ from . import texts  # noqa: F401  (registers the texts)
 
 log = logging.getLogger(__name__)
 
-SKIPPED = {"start"}  # Telegram's convention; /help covers it on Discord
 HASH_FILE = "discord_commands.json"
 CHINESE = {discord.Locale.chinese}  # zh-CN; other locales see English
 
@@ -42,7 +41,7 @@ class I18nTranslator(app_commands.Translator):
 
 
 class MenuEntry(Protocol):
-    """One command of the core's menu."""
+    """One command of the core's menu (a `bot.features.Feature`)."""
 
     command: str
     description_key: str
@@ -53,15 +52,12 @@ OnCommand = Callable[..., Awaitable[None]]  # (interaction, command, text, attac
 
 
 def build_tree(client: discord.Client, menu: Iterable[MenuEntry], on_command: OnCommand) -> app_commands.CommandTree:
-    """One app command per entry of the core's menu: a prompt command takes an optional prompt,
-    an image command an attachment and a question, the rest nothing. Each hands over to
-    `on_command`."""
+    """One app command per declared feature in the core's menu (bot/features.py), shaped by its
+    argument: a prompt, an image with a question, or nothing. Each hands over to `on_command`."""
     tree = app_commands.CommandTree(client)
-    callbacks = {"prompt": _prompt_callback, "image": _image_callback}
+    callbacks = {"prompt": _prompt_callback, "image": _image_callback, "none": _plain_callback}
     for entry in menu:
-        if entry.command in SKIPPED:
-            continue
-        callback = callbacks.get(entry.argument, _plain_callback)(on_command, entry.command)
+        callback = callbacks[entry.argument](on_command, entry.command)
         tree.add_command(app_commands.Command(name=entry.command, description=text(entry.description_key), callback=callback))
     return tree
 
