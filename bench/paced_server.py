@@ -117,6 +117,7 @@ class PacedServer:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(10)
+            self.process.stdout.close()
 
 
 def openai_settings(server: PacedServer) -> dict:
