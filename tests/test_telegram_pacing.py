@@ -67,7 +67,8 @@ async def test_the_overall_budget_goes_first_to_finals_then_to_the_chat_that_wai
     assert all(fillers)  # other chats are not blocked by each other
     pacer.release(pacer.try_take("old", 1.0, STREAM_BUDGET))  # a chat that has written
     assert pacer.try_take("new", 1.0, STREAM_BUDGET, queue=True) is None  # the streaming share is used up
-    assert pacer.busy  # text is waiting: no typing indicators now
+    assert pacer.busy  # text is waiting: no typing indicators and no status lines now
+    assert pacer.try_take("queued", 1.0, FINAL_BUDGET, queue=True, status=True) is None
     assert pacer.try_take("final", 1.0, FINAL_BUDGET) is not None  # a complete message still goes
     await clock.advance(WINDOW + MARGIN + 0.05)  # "old"'s write left the window; "new" is still queued
     pacer.release(fillers.pop())

@@ -12,7 +12,8 @@ between our sending it and our receiving its answer. So:
 - when the overall budget is short, complete messages go first, then the streaming chat whose
   text has waited longest (a chat that has not written yet waited longest: first text before
   other chats' edits), so more concurrent answers mean fewer edits each, never a 429;
-- the typing indicator uses only spare budget and never delays text.
+- status lines (queue position, model loading) go only while no text waits for the budget, and
+  the typing indicator uses only spare budget: neither ever delays answer text.
 """
 
 from __future__ import annotations
@@ -103,10 +104,16 @@ class Pacer:
         return wait
 
     # -- taking and giving back slots ------------------------------------------------------
-    def try_take(self, chat: str | None, interval: float, budget: int, *, queue: bool = False) -> Slot | None:
+    def try_take(
+        self, chat: str | None, interval: float, budget: int, *, queue: bool = False, status: bool = False,
+    ) -> Slot | None:
         """A slot for a write now, or None when this chat or the overall budget is busy.
-        `queue`: a streaming edit, which yields to complete messages and to chats waiting longer."""
+        `queue`: a streaming edit, which yields to complete messages and to chats waiting longer.
+        `status`: a status line, which goes only while no text is waiting."""
         now = self.clock()
+        if status and self.busy:
+            self.stats.deferred += 1
+            return None
         if self.wait_for(chat, budget) > 0 or (queue and not self._my_turn(chat, budget, now)):
             if queue:
                 self.stats.deferred += 1

@@ -109,7 +109,7 @@ class TelegramSurface:
     async def _write(self, text: str, phase: Phase, request: Callable[[str, list], Awaitable]):
         chat = str(self.chat_id)
         if phase in STREAMING_PHASES:
-            slot = self.pacer.try_take(chat, self.interval, STREAM_BUDGET, queue=True)
+            slot = self.pacer.try_take(chat, self.interval, STREAM_BUDGET, queue=True, status=phase == "status")
             if slot is None:  # the stream comes back with the newest text
                 raise RetryLater(max(QUEUED_RETRY, self.pacer.wait_for(chat, STREAM_BUDGET)))
             return await self._call(slot, request, text, [])
