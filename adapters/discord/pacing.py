@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable, Literal
 OVERALL = (48, 1.0)  # requests per second for the whole bot (Discord: 50)
 CHANNEL = (5, 5.0)  # message writes per channel
 TOKEN = (5, 2.0)  # requests per interaction token (webhook edits and follow-ups)
-STREAM_BUDGET = 45  # of OVERALL: streaming edits leave room for acknowledgements and finals
+STREAM_BUDGET = 47  # of OVERALL: acknowledgements and finals waiting make streaming yield at once
 STATUS_BUDGET = 30  # of OVERALL: status lines and typing only below this
 STATUS_KEEP = 2  # places of a channel or token that a status line never takes
 STALE = 1.5  # a streaming answer that has not asked again for this long no longer queues

@@ -28,7 +28,7 @@ PRIVATE_INTERVAL = 1.0  # seconds between two writes in one private chat
 GROUP_INTERVAL = 3.0  # 20 per minute in a group
 MARGIN = 0.05  # seconds added to every per-chat interval: Telegram's counting is not exact
 WINDOW = 1.0  # the overall limit is counted per second
-STREAM_BUDGET = 26  # streaming edits per second, all chats together (Telegram: ~30)
+STREAM_BUDGET = 27  # streaming edits per second, all chats together (Telegram: ~30)
 FINAL_BUDGET = 28  # complete messages may use more of the overall budget
 SPARE_BUDGET = 12  # typing indicators go only while fewer writes than this count
 
