@@ -216,7 +216,8 @@ class DiscordAdapter:
             if stopped:
                 await self._urgently(interaction.response.defer)  # the answer itself shows "⏹ stopped"
             else:
-                await self._urgently(lambda: interaction.response.send_message(t("stop_nothing", incoming.language), ephemeral=True))
+                note = t("stop_nothing", incoming.language)
+                await self._urgently(lambda: interaction.response.send_message(note, ephemeral=True))
             return
         if self._closing:
             return

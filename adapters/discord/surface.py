@@ -70,7 +70,8 @@ class OwnedButton(discord.ui.DynamicItem[discord.ui.Button], template=r"internlm
             return True
         log.info("refused a %s button press by %s (not the asker)", self.action, interaction.user.id)
         adapter: DiscordAdapter = interaction.client.adapter  # type: ignore[attr-defined]
-        await adapter._urgently(lambda: interaction.response.send_message(t("discord_not_yours", str(interaction.locale)), ephemeral=True))
+        note = t("discord_not_yours", str(interaction.locale))
+        await adapter._urgently(lambda: interaction.response.send_message(note, ephemeral=True))
         return False
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -191,7 +192,8 @@ class _Surface:
         content = handle.header + text
         wanted = button_for(phase)
         try:
-            await self._paced(phase, self._scope(None), lambda: self._create(handle, content, controls(wanted, self.owner, self.lang)))
+            view = controls(wanted, self.owner, self.lang)
+            await self._paced(phase, self._scope(None), lambda: self._create(handle, content, view))
         except discord.HTTPException as exc:
             raise _translate(exc) from exc
         handle.controls = wanted
