@@ -183,7 +183,8 @@ async def test_fair_queue_serves_other_users_between_a_flooders_requests(make_ap
     assert statuses and statuses[0].startswith("⏳ In the queue: 2 ahead")
 
 
-async def test_a_second_message_waits_for_the_first_in_order(make_app):
+async def test_a_second_message_waits_for_the_first_in_order(make_app, monkeypatch):
+    monkeypatch.setattr("bot.streaming.STATUS_DELAY", 0.0)  # show the waiting line however short the wait
     app = make_app()
     first, second = RecordingSurface(), RecordingSurface()
     await asyncio.gather(app.handle(msg("remember cherry"), first), app.handle(msg("recall"), second))
