@@ -135,6 +135,9 @@ class Pacer:
         for key in slot.keys:
             self._slots.setdefault(key, []).append(slot)
         self.stats.requests += 1
+        if self.stats.requests % 1000 == 0:  # forget channels and tokens that fell quiet
+            for key in list(self._slots):
+                self._counting(key, now)
         if answer is not None:
             self._queued.pop(answer, None)
             self._last[answer] = now
