@@ -65,4 +65,4 @@ async def test_sixty_slash_commands_at_once_meet_no_429_and_every_one_is_answere
         assert fake.rate_limited == 0 and fake.errors == [], (fake.errors, fake.global_hits)
         assert all(i.acked_at - i.dispatched_at < 3 for i in interactions)  # none missed its deadline
         assert [answer_text(i.messages) for i in interactions] == ["pong"] * 60
-        assert adapter.pacer.stats.waited > 0  # the budget was short: writes waited, none were refused
+        assert adapter.pacer.stats.requests >= 120  # every acknowledgement and every answer took a place
