@@ -24,6 +24,7 @@ from .messages import Incoming, ReplySurface
 from .personas import DEFAULT_PERSONA, Persona, build_personas
 from .responders import ChatResponder, Responder, Turn
 from .store import VISIBLE, HistoryStore
+from .stopping import UntilStopped
 from .streaming import ReplyStream
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Session:
     key: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one generation at a time
     cancel: Cancel | None = None
+    stopped: asyncio.Event | None = None  # /stop for the answer in flight, seen at once (bot/stopping.py)
 
 
 CommandHandler = Callable[["App", Incoming, ReplySurface, str, str], Awaitable[None]]
@@ -222,6 +224,8 @@ class App:
         session = self.sessions.get(key)
         if session and session.cancel and not session.cancel.is_set:
             session.cancel.set()
+            if session.stopped is not None:
+                session.stopped.set()
             return True
         return False
 
@@ -286,6 +290,7 @@ class App:
         self.store.add(key, persona.name, "user", text, attachment=attachment)
         answer_id = self.store.add(key, persona.name, "assistant", "", status="streaming")
         cancel = session.cancel = Cancel()
+        stopped = session.stopped = asyncio.Event()
 
         def on_wait(kind: str, n: int) -> None:
             if kind == "queued":
@@ -297,14 +302,8 @@ class App:
 
         turn = Turn(msg, key, tenant, persona, history, text, lang, cancel, on_wait, image=image)
         status, suffix = "ok", ""
-        saved_at = self.clock()
         try:
-            async with aclosing(self.responders[persona.name].respond(turn)) as deltas:
-                async for delta in deltas:
-                    stream.feed(delta)
-                    if self.clock() - saved_at >= SAVE_EVERY:
-                        saved_at = self.clock()
-                        self.store.update(answer_id, stream.text)
+            await self._stream_answer(turn, stream, stopped, answer_id)
             if cancel.is_set:
                 status, suffix = "stopped", t("stopped_mark", lang)
         except ModelError as exc:
@@ -318,7 +317,7 @@ class App:
             log.exception("%s failed for %s", persona.name, tenant)
             status, suffix = "failed", t("internal_error", lang)
         finally:
-            session.cancel = None
+            session.cancel = session.stopped = None
             answer = turn.stored_answer if turn.stored_answer is not None else stream.text
             self.store.update(answer_id, answer, status)
             log.info(
@@ -328,3 +327,22 @@ class App:
         if suffix:
             stream.feed(("\n\n" if stream.text else "") + suffix)
         await stream.finish(empty_text=t("empty_answer", lang))
+
+    async def _stream_answer(self, turn: Turn, stream: ReplyStream, stopped: asyncio.Event, answer_id: int) -> None:
+        """Show the responder's deltas; on /stop, mark the reply stopped at once and show nothing more."""
+        saved_at = self.clock()
+        async with aclosing(self.responders[turn.persona.name].respond(turn)) as deltas:
+            shown = UntilStopped(deltas, stopped)
+            try:
+                async for delta in shown:
+                    stream.feed(delta)
+                    if self.clock() - saved_at >= SAVE_EVERY:
+                        saved_at = self.clock()
+                        self.store.update(answer_id, stream.text)
+                if stopped.is_set():  # say so now; the model may still be reading the prompt
+                    if turn.stored_answer is None:
+                        turn.stored_answer = stream.text
+                    stream.feed(("\n\n" if stream.text else "") + t("stopped_mark", turn.lang))
+                    await stream.finish()
+            finally:
+                await shown.drain()

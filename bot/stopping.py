@@ -1,0 +1,43 @@
+"""/stop takes effect for the user at once, even while the model cannot stop yet.
+
+A model checks for /stop after each token it generates; before the first one it reads the whole
+prompt (with a picture, 1,400+ positions: seconds on a GPU, minutes on a CPU). `UntilStopped`
+iterates an answer's deltas and ends as soon as the session's `stopped` event is set, so the
+reply can be marked stopped right away; the delta being awaited then (if any) is not shown, and
+`drain()` waits for the model to really let go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+
+class UntilStopped:
+    def __init__(self, deltas: AsyncIterator[str], stopped: asyncio.Event) -> None:
+        self.deltas = deltas
+        self.stopped = stopped
+        self._next: asyncio.Future | None = None
+
+    def __aiter__(self) -> "UntilStopped":
+        return self
+
+    async def __anext__(self) -> str:
+        if self.stopped.is_set():
+            raise StopAsyncIteration
+        self._next = asyncio.ensure_future(anext(self.deltas))
+        stop = asyncio.ensure_future(self.stopped.wait())
+        try:
+            await asyncio.wait({self._next, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not self._next.done():  # stopped first: the model is still busy; drain() waits for it
+            raise StopAsyncIteration
+        step, self._next = self._next, None
+        return step.result()  # StopAsyncIteration at the end, or the model's error
+
+    async def drain(self) -> None:
+        """Wait for a delta still being produced (then discarded), so the stream can be closed."""
+        if self._next is not None:
+            await asyncio.gather(self._next, return_exceptions=True)
+            self._next = None
