@@ -13,6 +13,7 @@ sandbox run within a step (the process is killed), and the loop between steps.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import queue
@@ -29,6 +30,7 @@ from lagent.schema import AgentReturn, AgentStatusCode, ModelStatusCode
 
 from .agent_tools import ArxivPapers, SandboxedPython
 from .base import Cancel, ChatBackend, ChatMessage, GenerationParams, ModelError, StreamStats
+from .control_tokens import strip_control_tokens
 from .prompting import trim_history
 from .registry import ScheduledModel, WaitCallback
 from .sandbox import Sandbox
@@ -253,6 +255,22 @@ def build_turn(
     return AgentTurn(python, agent, context)
 
 
+def shown_state(state: AgentReturn) -> AgentReturn:
+    """`state` as users may see it: the model's text without InternLM2 control tokens (a sampled
+    `<|action_end|>` in a final answer reached users). A copy: lagent keeps using its own."""
+    shown = copy.copy(state)
+    if isinstance(shown.response, str):
+        shown.response = strip_control_tokens(shown.response)
+    actions = []
+    for action in state.actions or []:
+        if isinstance(getattr(action, "thought", None), str):
+            action = copy.copy(action)
+            action.thought = strip_control_tokens(action.thought)
+        actions.append(action)
+    shown.actions = actions
+    return shown
+
+
 class AgentFailed(ModelError):
     """lagent stopped with an error state or raised (e.g. a malformed tool call)."""
 
@@ -299,7 +317,7 @@ async def run_agent(turn: AgentTurn, messages: list[dict]) -> AsyncIterator[Agen
                 raise AgentFailed(f"the agent failed: {item!r}") from item
             if item.state < 0 and not ctx.cancel.is_set:
                 raise AgentFailed(f"the agent stopped with {AgentStatusCode(item.state).name}")
-            yield item
+            yield shown_state(item)
     finally:
         consumer_gone.set()
         if not finished:  # left early: the model and the sandbox see `cancel` and stop
