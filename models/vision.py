@@ -11,8 +11,9 @@ Two kinds of checkpoint, told apart by their config.json:
   `AutoProcessor` + the auto class that maps the model type, prompted with the processor's chat
   template, so any VLM transformers supports natively works here.
 
-Both stream through `transformers_backend.stream_from_thread`: `generate` on a worker thread,
-cancellation by a stopping criterion after every token, stop strings, stats.
+Both stream through `threaded.ThreadedBackend` (`transformers_backend.stream_from_thread`):
+`generate` on a worker thread, cancellation by a stopping criterion after every token, stop
+strings, stats.
 """
 
 from __future__ import annotations
@@ -22,24 +23,26 @@ import inspect
 import json
 import logging
 import time
-from contextlib import aclosing
 from pathlib import Path
+
+from contextlib import aclosing
 from typing import AsyncIterator
 
 import torch
-import transformers
-from packaging.version import Version
 
-from .base import Cancel, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
+from .base import Cancel, Capabilities, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
 from .control_tokens import without_control_tokens
 from .devices import describe_memory, pick_device, pick_dtype
+from .generation import XCOMPOSER2_IMAGE_TOKENS, end_of_turn_ids, sampling_kwargs
 from .remote_code import import_problem, missing_imports, offline_clip_tower, prints_to_log, tower_shape
-from .transformers_backend import END_OF_TURN_TOKENS, sampling_kwargs, stream_from_thread
+from .threaded import Generation, ThreadedBackend
+from .transformers_backend import stream_from_thread
 
 log = logging.getLogger(__name__)
 
 XCOMPOSER2 = "xcomposer2"
 IMAGE_TEXT_TO_TEXT = "image-text-to-text"
+XCOMPOSER2_IMAGE_SIDE = 490  # the published checkpoints' input size, until one is loaded
 IMAGE_PLACEHOLDER = "<ImageHere>"
 IM_START, IM_END = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"  # XComposer2's tokenizer's names
 GPU_EXTRA_HINT = (
@@ -110,19 +113,7 @@ def xcomposer2_problems(path: str) -> list[str]:
     return problems
 
 
-def _eos_ids(tokenizer, generation_config) -> list[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(generation_config, "eos_token_id", None)
-    if configured is not None:
-        ids.update([configured] if isinstance(configured, int) else configured)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return sorted(ids)
-
-
-class ImageTextToTextBackend:
+class ImageTextToTextBackend(ThreadedBackend):
     """A transformers-native VLM: processor chat template, pixel values, `generate`."""
 
     def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto", max_context_tokens: int = 8192) -> None:
@@ -134,6 +125,10 @@ class ImageTextToTextBackend:
         self.image_side = 0  # the picture size the processor resizes to: intake shrinks to this
         self.image_tokens = 0  # prompt tokens one picture takes
         self.last_worker = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(images=True, image_side=self.image_side, image_tokens=self.image_tokens)
 
     def load(self) -> None:
         from transformers import AutoModelForImageTextToText, AutoModelForVision2Seq, AutoProcessor
@@ -153,7 +148,7 @@ class ImageTextToTextBackend:
         text_config = getattr(model.config, "text_config", model.config)
         limit = getattr(text_config, "max_position_embeddings", None) or self.max_context_tokens
         self.context_window = min(self.max_context_tokens, int(limit))
-        self.eos_ids = _eos_ids(self.tokenizer, model.generation_config)
+        self.eos_ids = end_of_turn_ids(self.tokenizer, model.generation_config)
         self.image_side = _processor_side(self.processor)
         self.image_tokens = self._measure_image_tokens()
         log.info(
@@ -205,30 +200,15 @@ class ImageTextToTextBackend:
             out[key] = value
         return out
 
-    # -- generation ----------------------------------------------------------------------
-    async def stream(
-        self, messages: list[ChatMessage], *, params: GenerationParams, cancel: Cancel,
-        stats: StreamStats | None = None, skip_special_tokens: bool = True,
-    ) -> AsyncIterator[str]:
-        if self.model is None:
-            raise ModelError(f"model {self.path} is not loaded")
+    # -- generation (ThreadedBackend.stream runs it) -------------------------------------
+    async def _generation(self, messages: list[ChatMessage], params: GenerationParams) -> Generation:
         inputs = await asyncio.to_thread(self.inputs, messages)  # image preprocessing: off the event loop
         kwargs = dict(inputs, eos_token_id=self.eos_ids, pad_token_id=self.eos_ids[0], **sampling_kwargs(params))
 
         def generate(bridge: dict) -> None:
             self.model.generate(**kwargs, **bridge)
 
-        deltas = stream_from_thread(
-            generate, tokenizer=self.tokenizer, eos_ids=self.eos_ids, params=params, cancel=cancel, stats=stats,
-            prompt_tokens=int(kwargs["input_ids"].shape[1]), name=self.path, skip_special_tokens=skip_special_tokens,
-            on_worker=self._started,
-        )
-        async with aclosing(deltas):
-            async for delta in deltas:
-                yield delta
-
-    def _started(self, worker) -> None:
-        self.last_worker = worker
+        return generate, int(kwargs["input_ids"].shape[1])
 
 
 def _processor_side(processor) -> int:
@@ -244,7 +224,7 @@ def _processor_side(processor) -> int:
     return 0
 
 
-class XComposer2Backend:
+class XComposer2Backend(ThreadedBackend):
     """InternLM-XComposer2-VL through its remote code: `encode_img` + `interleav_wrap_chat` (the
     published `chat`'s own steps), then `generate` with the shared streaming and cancellation.
     Not `chat` itself: it moves a text-only prompt to `.cuda()` (no CPU), and the steps apart let
@@ -257,8 +237,8 @@ class XComposer2Backend:
         self.dtype = pick_dtype(dtype, self.device) if dtype != "auto" or not self.device.startswith("cuda") else torch.float16
         self.context_window = max_context_tokens
         self.tokenizer = self.model = None
-        self.image_side = 0  # the tower's input size: intake shrinks pictures to this
-        self.image_tokens = 0  # prompt positions one picture takes
+        # the tower's input size and what one picture costs: the published ones until loaded
+        self.image_side, self.image_tokens = XCOMPOSER2_IMAGE_SIDE, XCOMPOSER2_IMAGE_TOKENS
         self.last_worker = None
         self.tower_requests: list[str] = []  # what the remote code asked CLIPVisionModel.from_pretrained for
 
@@ -278,12 +258,16 @@ class XComposer2Backend:
         self.model.tokenizer = self.tokenizer  # some of its methods read it from the model
         self._fix_tower_input_size()
         self.context_window = min(self.context_window, int(getattr(model.config, "max_length", 4096) or 4096))
-        self.eos_ids = sorted({*_eos_ids(self.tokenizer, model.generation_config), self.tokenizer.convert_tokens_to_ids(IM_END)})
+        self.eos_ids = sorted({*end_of_turn_ids(self.tokenizer, model.generation_config), self.tokenizer.convert_tokens_to_ids(IM_END)})
         log.info("loaded XComposer2 %s on %s (%s) in %.1fs: %d-pixel pictures, %d tokens each, %s", self.path,
                  self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - started, self.image_side,
                  self.image_tokens, describe_memory(self.model, self.device))
         if not self.device.startswith("cuda"):
             log.warning(self.cpu_speed_note())
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(images=True, image_side=self.image_side, image_tokens=self.image_tokens)
 
     def _fix_tower_input_size(self) -> None:
         """The remote code resizes the CLIP position embedding (24x24 → 35x35 patches, 490 px) but
@@ -344,13 +328,9 @@ class XComposer2Backend:
             return None
         return model.interleav_wrap_chat(self.tokenizer, query, image, history, system)
 
-    async def stream(
-        self, messages: list[ChatMessage], *, params: GenerationParams, cancel: Cancel,
-        stats: StreamStats | None = None, skip_special_tokens: bool = True,
-    ) -> AsyncIterator[str]:
-        if self.model is None:
-            raise ModelError(f"model {self.path} is not loaded")
+    async def _generation(self, messages: list[ChatMessage], params: GenerationParams, cancel: Cancel | None = None) -> Generation:
         system, history, query, image = self.split(messages)
+        cancel = cancel or Cancel()
         pixels = None
         if image is not None:  # its own preprocessing (resize to the tower's size, CLIP normalisation)
             pixels = await asyncio.to_thread(lambda: self.model.vis_processor(image).unsqueeze(0).to(self.device, self.dtype))
@@ -365,17 +345,25 @@ class XComposer2Backend:
                     inputs, im_mask = prepared
                     self.model.generate(**inputs, im_mask=im_mask, **options, **bridge)
 
+        return generate, self.count_tokens(messages)
+
+    async def stream(
+        self, messages: list[ChatMessage], *, params: GenerationParams, cancel: Cancel,
+        stats: StreamStats | None = None, skip_special_tokens: bool = True,
+    ) -> AsyncIterator[str]:
+        """ThreadedBackend's stream, with `cancel` also checked between the picture's encoding
+        and the prompt pass, and `[UNUSED_TOKEN_…]` pieces removed from the text."""
+        if self.model is None:
+            raise ModelError(f"model {self.path} is not loaded")
+        generate, prompt_tokens = await self._generation(messages, params, cancel)
         deltas = stream_from_thread(
             generate, tokenizer=self.tokenizer, eos_ids=self.eos_ids, params=params, cancel=cancel, stats=stats,
-            prompt_tokens=self.count_tokens(messages), name=self.path, skip_special_tokens=skip_special_tokens,
+            prompt_tokens=prompt_tokens, name=self.path, skip_special_tokens=skip_special_tokens,
             on_worker=self._started,
         )
         async with aclosing(deltas), aclosing(without_control_tokens(deltas)) as shown:
             async for delta in shown:
                 yield delta
-
-    def _started(self, worker) -> None:
-        self.last_worker = worker
 
 
 def vision_readiness(path: str | None, model: str, device: str = "auto") -> tuple[bool, str]:

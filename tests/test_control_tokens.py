@@ -8,6 +8,7 @@ from lagent.schema import ActionReturn, AgentReturn, AgentStatusCode
 
 from bot.agent_feature import StepRenderer
 from models.agent import shown_state
+from models.agent_events import StepDecoder
 from models.control_tokens import strip_control_tokens, without_control_tokens
 
 
@@ -43,8 +44,11 @@ def test_the_agent_never_shows_a_sampled_control_token():
     assert shown_state(streaming).response == "Let me think about it"
     with_action = AgentReturn(state=AgentStatusCode.CODE_RETURN, actions=[action])
     assert shown_state(with_action).actions[0].thought == "I run it" and action.thought.endswith("<|action_end|>")
-    renderer = StepRenderer("en", None, None)
-    text = renderer.feed(shown_state(AgentReturn(state=AgentStatusCode.STREAM_ING, response="The answer is 2.<|action_end|>")))
-    text += renderer.feed(shown_state(AgentReturn(state=AgentStatusCode.END, response="The answer is 2.<|action_end|>")))
+    decoder, renderer = StepDecoder(None), StepRenderer("en", None)
+    text = ""
+    for state in (AgentReturn(state=AgentStatusCode.STREAM_ING, response="The answer is 2.<|action_end|>"),
+                  AgentReturn(state=AgentStatusCode.END, response="The answer is 2.<|action_end|>")):
+        for event in decoder.feed(shown_state(state)):  # as run_agent feeds them
+            text += renderer.feed(event)
     text += renderer.flush()
     assert "The answer is 2." in text and "<|" not in text

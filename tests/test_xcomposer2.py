@@ -25,6 +25,7 @@ from models.vision import XComposer2Backend
 from tests import tiny_vlm, tiny_xcomposer2
 from tests.surfaces import RecordingSurface
 from tests.test_images import encode
+from tests.waiting import until
 
 REMOTE_PRINTS = ("Set max length to", "Position interpolate from")
 
@@ -65,13 +66,13 @@ class PromptPassGate:
 
         def held(*args, **kwargs):
             self.entered.set()
-            self.released.wait(120)
+            self.released.wait(300)  # a failed test must not leave the worker blocked for good
             return original(*args, **kwargs)
 
         vit.forward = held
 
     async def wait_entered(self) -> None:
-        assert await asyncio.to_thread(self.entered.wait, 120), "the model never started its prompt pass"
+        await until(self.entered.is_set)
 
 
 async def loaded(app) -> XComposer2Backend:
@@ -187,15 +188,12 @@ async def test_console_stop_during_the_prompt_pass(xc_app, tmp_path):
     await gate.wait_entered()
     writer.write("/stop\n")
     writer.flush()
-    for _ in range(3000):  # acknowledged while the model is still held in its prompt pass
-        if t("stopped_mark", "en") in out.getvalue():
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: t("stopped_mark", "en") in out.getvalue())  # while the model is held in its prompt pass
     assert t("stopped_mark", "en") in out.getvalue() and not gate.released.is_set()
     gate.released.set()
     writer.write("And now?\n")
     writer.close()
-    await asyncio.wait_for(runner, 60)
+    await runner
     lines = out.getvalue().splitlines()
     assert lines[-1] == "red" and "red" not in lines[:-1]  # nothing of the stopped answer was shown
 
@@ -222,13 +220,10 @@ async def test_stop_during_the_prompt_pass_is_acknowledged_at_once_and_shows_no_
     stop = RecordingSurface()
     await app.handle(Incoming(platform="test", chat_id="c1", user_id="u1", text="/stop"), stop)
     assert stop.visible == t("stop_done", "en")
-    for _ in range(3000):
-        if answer.visible == t("stopped_mark", "en"):
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: answer.visible == t("stopped_mark", "en"))
     assert answer.visible == t("stopped_mark", "en") and not task.done()  # the model still holds its prompt pass
     gate.released.set()
-    await asyncio.wait_for(task, 60)
+    await task
     assert answer.visible == t("stopped_mark", "en")
     assert all("red" not in m for m in answer.messages)
     backend.last_worker.join(10)
@@ -277,26 +272,26 @@ async def test_discord_photo_follow_up_and_stop_during_the_prompt_pass(xc_app):
         async with running(app, fake):
             upload = fake.add_file("red.png", picture("red"), "image/png")
             first = await fake.slash("image", fake.alice, image=upload, question="what is this?")
-            await fake.wait_for(lambda: first.messages and is_done(first.messages[-1]), 120, "/image")
+            await fake.wait_for(lambda: first.messages and is_done(first.messages[-1]), "/image")
             assert answer_text(first.messages) == "red"
             question = await fake.send_message(fake.alice, fake.channel, "And now?", mention_bot=True)
             reply = await fake.wait_for(
-                lambda: next((m for m in fake.bot_messages() if m.reference_id == question.id and is_done(m)), None), 60, "reply")
+                lambda: next((m for m in fake.bot_messages() if m.reference_id == question.id and is_done(m)), None), "reply")
             assert answer_text([reply]) == "red"
             gate = PromptPassGate(app.hub.get("vision").backend)
             upload = fake.add_file("blue.png", picture("blue"), "image/png")
             held = await fake.slash("image", fake.alice, image=upload, question="what is this?")
             await gate.wait_entered()
             stop = await fake.slash("stop", fake.alice)
-            await fake.wait_for(lambda: stop.original is not None and stop.original.content == t("stop_done", "en"), 30, "/stop")
-            await fake.wait_for(lambda: held.messages and held.messages[-1].content.endswith(t("stopped_mark", "en")), 30, "stopped")
+            await fake.wait_for(lambda: stop.original is not None and stop.original.content == t("stop_done", "en"), "/stop")
+            await fake.wait_for(lambda: held.messages and held.messages[-1].content.endswith(t("stopped_mark", "en")), "stopped")
             assert not gate.released.is_set()
             gate.released.set()
-            await fake.wait_for(lambda: held.messages and is_done(held.messages[-1]), 60, "stopped answer done")
+            await fake.wait_for(lambda: held.messages and is_done(held.messages[-1]), "stopped answer done")
             assert "blue" not in answer_text(held.messages)
             question = await fake.send_message(fake.alice, fake.channel, "And now?", mention_bot=True)
             reply = await fake.wait_for(
-                lambda: next((m for m in fake.bot_messages() if m.reference_id == question.id and is_done(m)), None), 60, "reply")
+                lambda: next((m for m in fake.bot_messages() if m.reference_id == question.id and is_done(m)), None), "reply")
             assert answer_text([reply]) == "blue"
             everything = " ".join(m.content for m in fake.bot_messages())
             assert not any(p in everything for p in REMOTE_PRINTS)
