@@ -252,9 +252,10 @@ def _build_into(staging: Path, rng: random.Random, steps: int, log) -> None:
 
 
 def _code_hash() -> str:
+    """The remote code's and tests/tiny_vlm.py's (questions, colours) part of the cache key."""
     h = hashlib.sha256()
-    for name in CODE_FILES:
-        h.update((CODE_DIR / name).read_bytes())
+    for file in [*(CODE_DIR / name for name in CODE_FILES), Path(__file__).with_name("tiny_vlm.py")]:
+        h.update(file.read_bytes())
     return h.hexdigest()[:8]
 
 
