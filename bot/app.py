@@ -417,17 +417,17 @@ class App:
         await stream.finish(empty_text=t("empty_answer", lang))
 
     async def _stream_answer(self, turn: Turn, stream: ReplyStream, stopped: asyncio.Event, answer_id: int) -> None:
-        """Show the responder's deltas; on /stop, mark the reply stopped at once and show nothing more."""
+        """Show the responder's deltas; a /stop before any text marks the reply stopped at once."""
         saved_at = self.clock()
         async with aclosing(self.responders[turn.persona.name].respond(turn)) as deltas:
-            shown = UntilStopped(deltas, stopped)
+            shown = UntilStopped(deltas, stopped, armed=lambda: not stream.text)
             try:
                 async for delta in shown:
                     stream.feed(delta)
                     if self.clock() - saved_at >= SAVE_EVERY:
                         saved_at = self.clock()
                         self.store.update(answer_id, stream.text)
-                if stopped.is_set():  # say so now; the model may still be reading the prompt
+                if shown.cut:  # say so now; the model may still be reading the prompt
                     if turn.stored_answer is None:
                         turn.stored_answer = stream.text
                     stream.feed(("\n\n" if stream.text else "") + t("stopped_mark", turn.lang))
