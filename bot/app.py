@@ -430,6 +430,7 @@ class App:
                 if shown.cut:  # say so now; the model may still be reading the prompt
                     if turn.stored_answer is None:
                         turn.stored_answer = stream.text
+                    self.store.update(answer_id, turn.stored_answer, "stopped")  # stored before it is shown
                     stream.feed(("\n\n" if stream.text else "") + t("stopped_mark", turn.lang))
                     await stream.finish()
             finally:
