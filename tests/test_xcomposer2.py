@@ -296,3 +296,33 @@ async def test_discord_photo_follow_up_and_stop_during_the_prompt_pass(xc_app):
             everything = " ".join(m.content for m in fake.bot_messages())
             assert not any(p in everything for p in REMOTE_PRINTS)
             assert fake.errors == []
+
+
+# -- check --------------------------------------------------------------------------------------
+
+
+def test_check_says_where_each_model_comes_from_and_whether_the_vision_role_is_ready(
+    make_settings, tiny_xc, tmp_path, capsys, monkeypatch,
+):
+    from launcher.cli import check
+
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope"))  # empty: nothing downloaded
+    defaults = make_settings(bajie_model="JimmyMa99/BaJie-Chat-mini", bajie_hub="modelscope",
+                             vision_model="internlm/internlm-xcomposer2-vl-1_8b")
+    assert check(defaults) == 1
+    out = capsys.readouterr().out
+    assert ("model bajie  [transformers] JimmyMa99/BaJie-Chat-mini: not downloaded yet; it will be fetched from "
+            "ModelScope (modelscope.cn) on first use") in out
+    assert ("model vision [transformers] internlm/internlm-xcomposer2-vl-1_8b: not downloaded yet; it will be "
+            "fetched from Hugging Face (huggingface.co) on first use") in out
+    assert "  vision: NOT READY: InternLM-XComposer2: its code needs torchvision (not installed)." in out
+
+    assert check(make_settings(vision_model=str(tiny_xc))) == 0
+    out = capsys.readouterr().out
+    assert f"model vision [transformers] {tiny_xc}: local directory" in out
+    assert ("  vision: ready: InternLM-XComposer2, on the CPU in float32 (slow: minutes per answer); vision tower "
+            "built from its own weights (ViT 64 wide, 1 layers, 56-pixel patches, 392-pixel pictures = 49 image "
+            "tokens), no second download") in out
+
+    assert check(make_settings(vision_model=str(published_like(tiny_xc, tmp_path)))) == 1
+    assert "  vision: NOT READY: InternLM-XComposer2 cannot load: its code needs torchvision (not installed)" in capsys.readouterr().out
