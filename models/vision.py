@@ -321,7 +321,7 @@ class XComposer2Backend(ThreadedBackend):
         model = self.model
         if pixels is None:
             inputs = dict(model.build_inputs(self.tokenizer, query, history, system))
-            inputs = {k: v.to(self.device) for k, v in inputs.items() if torch.is_tensor(v)}
+            inputs = {k: inputs[k].to(self.device) for k in ("input_ids", "attention_mask") if k in inputs}
             return inputs, torch.zeros(inputs["input_ids"].shape[:2], dtype=torch.bool, device=self.device)
         image = model.encode_img(pixels)  # the vision tower: a real share of the prompt pass
         if cancel.is_set:

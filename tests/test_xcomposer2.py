@@ -155,6 +155,18 @@ def test_missing_torchvision_is_named_before_loading(tiny_xc, tmp_path):
         XComposer2Backend(str(copy), device="cpu").load()
 
 
+async def test_a_conversation_without_a_picture_runs_on_the_cpu(xc_app):
+    """The published `chat` moves a text-only prompt to `.cuda()`; the backend builds it itself."""
+    from models.base import Cancel, ChatMessage, GenerationParams
+
+    backend = await loaded(xc_app())
+    params = GenerationParams(max_new_tokens=4, temperature=0.0)
+    messages = [ChatMessage("system", "You are a test."), ChatMessage("user", "hello")]
+    deltas = [d async for d in backend.stream(messages, params=params, cancel=Cancel())]
+    backend.last_worker.join(10)
+    assert not backend.last_worker.is_alive() and all("[UNUSED_TOKEN_" not in d for d in deltas)
+
+
 # -- the console ----------------------------------------------------------------------------------
 
 
