@@ -160,7 +160,10 @@ def _weight_shapes(path: Path, prefix: str) -> dict[str, tuple[int, ...]]:
         else:
             import torch
 
-            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            try:  # mapped, not read: only the shapes are needed
+                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError:  # a pre-zipfile .bin cannot be mapped: read it
+                state = torch.load(file, map_location="cpu", weights_only=True)
             shapes.update({k: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)})
     return shapes
 
