@@ -326,7 +326,9 @@ class XComposer2Backend(ThreadedBackend):
         image = model.encode_img(pixels)  # the vision tower: a real share of the prompt pass
         if cancel.is_set:
             return None
-        return model.interleav_wrap_chat(self.tokenizer, query, image, history, system)
+        inputs, im_mask = model.interleav_wrap_chat(self.tokenizer, query, image, history, system)
+        embeds = inputs["inputs_embeds"]  # one sequence, no padding: say so (else generate warns each time)
+        return dict(inputs, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)), im_mask
 
     async def _generation(self, messages: list[ChatMessage], params: GenerationParams, cancel: Cancel | None = None) -> Generation:
         system, history, query, image = self.split(messages)
