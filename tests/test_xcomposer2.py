@@ -318,6 +318,13 @@ def test_check_says_where_each_model_comes_from_and_whether_the_vision_role_is_r
 ):
     from launcher.cli import check
 
+    from bot.config import Settings
+
+    for name in ("VISION_MODEL", "BAJIE_MODEL", "BAJIE_HUB", "MODEL_HUB"):
+        monkeypatch.delenv(name, raising=False)
+    default = Settings(_env_file=None)
+    assert (default.vision_model, default.bajie_model) == ("internlm/internlm-xcomposer2-vl-1_8b", "JimmyMa99/BaJie-Chat-mini")
+    assert (default.hub_for("bajie"), default.hub_for("chat")) == ("modelscope", "huggingface")
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope"))  # empty: nothing downloaded
     defaults = make_settings(bajie_model="JimmyMa99/BaJie-Chat-mini", bajie_hub="modelscope",
                              vision_model="internlm/internlm-xcomposer2-vl-1_8b")
