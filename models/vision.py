@@ -286,7 +286,8 @@ class XComposer2Backend(ThreadedBackend):
         params = sum(p.numel() for p in self.model.parameters())
         first = 2 * params * (self.image_tokens + 100) / CPU_FLOPS
         per_token = params * torch.finfo(self.dtype).bits / 8 / CPU_BYTES_PER_S
-        return (f"XComposer2 runs on the CPU ({params / 1e9:.2f}B parameters, {str(self.dtype).removeprefix('torch.')}): "
+        size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
+        return (f"XComposer2 runs on the CPU ({size} parameters, {str(self.dtype).removeprefix('torch.')}): "
                 f"expect roughly {first:.3g} s before the first word of an answer about a picture (its "
                 f"{self.image_tokens} image tokens) and {per_token:.3g} s per word after (estimated for "
                 f"{CPU_FLOPS / 1e9:.0f} GFLOP/s and {CPU_BYTES_PER_S / 1e9:.0f} GB/s); a CUDA GPU is 10-100x faster.")

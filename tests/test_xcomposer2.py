@@ -167,6 +167,19 @@ async def test_a_conversation_without_a_picture_runs_on_the_cpu(xc_app):
     assert not backend.last_worker.is_alive() and all("[UNUSED_TOKEN_" not in d for d in deltas)
 
 
+async def test_float16_the_gpus_dtype_answers_the_same(tiny_xc):
+    """What a CUDA host runs (float16 weights, pictures and embeddings), here on the CPU."""
+    from models.base import Cancel, ChatMessage, GenerationParams
+
+    backend = XComposer2Backend(str(tiny_xc), device="cpu", dtype="float16")
+    await asyncio.to_thread(backend.load)
+    assert next(backend.model.parameters()).dtype == torch.float16
+    params = GenerationParams(max_new_tokens=8, temperature=0.0)
+    for color in ("red", "blue"):
+        messages = [ChatMessage("user", "what is this", image=tiny_vlm.solid_image(color))]
+        assert "".join([d async for d in backend.stream(messages, params=params, cancel=Cancel())]) == color
+
+
 # -- the console ----------------------------------------------------------------------------------
 
 
