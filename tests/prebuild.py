@@ -50,6 +50,7 @@ BUILDERS: list[Builder] = [
     Builder("agent", "tests.tiny_agent_model:agent_model_path",
             _BASE + ("tests/tiny_agent_model.py", "models/agent.py", "models/agent_tools.py")),
     Builder("vision", "tests.tiny_vlm:vision_model_path", _BASE + ("tests/tiny_vlm.py",)),
+    Builder("markup", "tests.tiny_markup_model:markup_model_path", _BASE + ("tests/tiny_markup_model.py",)),
 ]
 
 
