@@ -13,12 +13,17 @@ class Allowlist:
     users: frozenset[str] = frozenset()
     chats: frozenset[str] = frozenset()
     guilds: frozenset[str] = frozenset()
+    # A Discord thread is a channel with its own id, so listing it admits it; a Telegram forum
+    # topic id is a small number that any supergroup may have, so only chat ids count there.
+    threads_are_chats: bool = False
 
     def permits(self, msg: Incoming) -> bool:
         """Empty lists allow everyone; each non-empty list must contain the message's id."""
         if self.users and msg.user_id not in self.users:
             return False
-        if self.chats and msg.chat_id not in self.chats and (msg.thread_id or "") not in self.chats:
+        if self.chats and msg.chat_id not in self.chats and not (
+            self.threads_are_chats and msg.thread_id and msg.thread_id in self.chats
+        ):
             return False
         if self.guilds and (msg.guild_id or "") not in self.guilds:
             return False
@@ -30,7 +35,8 @@ class AccessPolicy:
         self.platforms = {
             "telegram": Allowlist(settings.telegram_allowed_users, settings.telegram_allowed_chats),
             "discord": Allowlist(
-                settings.discord_allowed_users, settings.discord_allowed_channels, settings.discord_allowed_guilds
+                settings.discord_allowed_users, settings.discord_allowed_channels, settings.discord_allowed_guilds,
+                threads_are_chats=True,
             ),
         }
         self.agent_users = settings.agent_allowed_users
