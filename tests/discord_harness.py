@@ -10,7 +10,7 @@ import contextlib
 import time
 from typing import AsyncIterator, Callable
 
-from adapters.discord_bot import DiscordAdapter
+from adapters.discord import DiscordAdapter
 from bot.app import App
 from bot.messages import Incoming
 from tests.fake_discord import FakeDiscord, Interaction, Message, patched
