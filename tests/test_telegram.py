@@ -321,8 +321,7 @@ async def test_webhook_mode_checks_the_secret_token(make_app):
                 for headers in ({}, {"X-Telegram-Bot-Api-Secret-Token": "wrong"}):
                     async with session.post(url, json=forged, headers=headers) as response:
                         assert response.status == 403
-            await asyncio.sleep(0.5)
-            assert fake.texts(chat) == ["pong"]
+            assert fake.texts(chat) == ["pong"]  # a 403 is given only to what is never queued
 
 
 async def test_shutdown_lets_answers_finish_or_closes_them_cleanly(make_app):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
+import aiohttp
 import pytest
 
 from bot.access import AccessPolicy
@@ -41,3 +45,60 @@ def test_only_discord_threads_are_matched_by_their_own_id():
     assert not policy.allows(msg("telegram", "-100999", "7"))
     assert policy.allows(msg("discord", "44", "55"))  # a listed thread inside another channel
     assert policy.allows(msg("discord", "55", "66")) and not policy.allows(msg("discord", "44", "66"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _raw_request(port: int, path: str, headers: dict[str, str], body: bytes) -> bytes:
+    """Send a request by hand (headers may promise more body than is sent); return the status line."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        writer.write(head.encode() + body)
+        await writer.drain()
+        return await reader.readline()
+    finally:
+        writer.close()
+
+
+async def test_webhook_refuses_before_reading_and_caps_and_checks_bodies(make_app):
+    port, secret = _free_port(), "s3cret-Value_1"
+    url = f"http://127.0.0.1:{port}/tg-hook"
+    update = {"update_id": 7, "message": {"message_id": 1, "date": 0, "text": "ping",
+                                          "chat": {"id": 42, "type": "private"}, "from": {"id": 42, "is_bot": False,
+                                                                                          "first_name": "A"}}}
+    async with FakeTelegram(TOKEN) as fake:
+        app = make_app(**telegram_settings(
+            fake, telegram_webhook_url=url, telegram_webhook_listen="127.0.0.1", telegram_webhook_port=port,
+            telegram_webhook_secret=secret,
+        ))
+        async with running_bot(app):
+            assert fake.webhook["url"] == url and fake.webhook["secret_token"] == secret
+            fifty_mb = {"Content-Length": str(50 * 2**20)}
+            # Only 1 KB of a promised 50 MB is sent: the answer must come from the headers alone.
+            for wrong in ({}, {"X-Telegram-Bot-Api-Secret-Token": "wrong"}):
+                status = await _raw_request(port, "/tg-hook", {**fifty_mb, **wrong}, b"x" * 1024)
+                assert status.startswith(b"HTTP/1.1 403"), status
+            right = {"X-Telegram-Bot-Api-Secret-Token": secret}
+            status = await _raw_request(port, "/tg-hook", {**fifty_mb, **right}, b"x" * 1024)
+            assert status.startswith(b"HTTP/1.1 413"), status
+            async with aiohttp.ClientSession() as session:
+                async def chunks():
+                    for _ in range(17):  # 17 × 64 KB, sent chunked: found over the cap while reading
+                        yield b" " * 65536
+
+                async with session.post(url, data=chunks(), headers=right) as response:
+                    assert response.status == 413
+                for bad in (b"{not json", b"[1, 2]", b'{"update_id": "x", "message": 5}'):
+                    async with session.post(url, data=bad, headers=right) as response:
+                        assert response.status == 400, bad
+                fake.private_chat(42)
+                assert fake.texts(42) == []  # nothing refused reached the bot
+                async with session.post(url, json=update, headers=right) as response:
+                    assert response.status == 200
+            await fake.wait_until(lambda: fake.texts(42) == ["pong"])
