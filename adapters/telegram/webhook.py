@@ -24,6 +24,7 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 # Telegram updates are a few KB (a 4096-character message with its entities and a quoted reply
 # is well under 64 KB); 1 MiB leaves room for any update and none for abuse.
 MAX_BODY = 1 << 20
+READ_BUFFER = 1 << 14
 
 
 class WebhookServer:
@@ -39,7 +40,8 @@ class WebhookServer:
     async def start(self) -> None:
         app = web.Application(client_max_size=self.max_body)
         app.router.add_post(self.path, self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # A small read buffer: what a connection may hold before its handler has decided.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, read_bufsize=READ_BUFFER)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.listen, self.port).start()
 
