@@ -1,6 +1,6 @@
 """Webhook mode under unauthenticated floods: memory of the bot process (issue 9, item 4).
 
-Starts the real bot (`python -m bot`, Telegram adapter in webhook mode, against the fake Bot API
+Starts the real bot (`python -m launcher`, Telegram adapter in webhook mode, against the fake Bot API
 for setWebhook) as a child process, sends one empty unauthenticated POST (one-time costs of the
 first request), then sends N parallel POSTs of SIZE MB each without the
 secret token, streamed from a 1 MB buffer so the sender stays small. Reports the bot's resident
@@ -73,7 +73,7 @@ async def run(n: int, size_mb: int) -> None:
                 TELEGRAM_WEBHOOK_LISTEN="127.0.0.1", TELEGRAM_WEBHOOK_PORT=str(port), TELEGRAM_WEBHOOK_SECRET=SECRET,
                 DATA_DIR=data, LOG_LEVEL="ERROR", HF_HUB_OFFLINE="1",
             )
-            bot = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", cwd=ROOT, env=env,
+            bot = await asyncio.create_subprocess_exec(sys.executable, "-m", "launcher", cwd=ROOT, env=env,
                                                        stdout=asyncio.subprocess.DEVNULL)
             try:
                 await fake.wait_until(lambda: fake.webhook is not None)

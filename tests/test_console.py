@@ -74,7 +74,7 @@ def run_cli(args: list[str], stdin: str | bytes, data_dir: Path, chat_model: Pat
         DEVICE="cpu", MAX_NEW_TOKENS="40", HF_HUB_OFFLINE="1", **env,
     )
     return subprocess.run(
-        [sys.executable, "-m", "bot", *args], input=stdin, capture_output=True, text=isinstance(stdin, str), cwd=REPO,
+        [sys.executable, "-m", "launcher", *args], input=stdin, capture_output=True, text=isinstance(stdin, str), cwd=REPO,
         env=environment,
     )
 
@@ -90,7 +90,7 @@ def test_piped_console_in_fresh_processes_keeps_the_conversation(tmp_path, tiny_
 
 
 def test_invalid_utf8_gets_the_binary_notice_and_the_conversation_goes_on(tmp_path, tiny_chat_model, tiny_bajie_model):
-    """printf 'ping\\n\\xff\\xfe x\\nping\\n' | PYTHONIOENCODING=utf-8 python -m bot console: it used
+    """printf 'ping\\n\\xff\\xfe x\\nping\\n' | PYTHONIOENCODING=utf-8 python -m launcher console: it used
     to print nothing and never exit (the reader thread died on UnicodeDecodeError)."""
     result = run_cli(["console"], b"ping\n\xff\xfe x\nping\n", tmp_path, tiny_chat_model, tiny_bajie_model,
                      PYTHONIOENCODING="utf-8", LANG="en_US.UTF-8")
