@@ -102,7 +102,7 @@ def _literal(chunk: bytes, before: bytearray) -> bytes:
     out = bytearray()
     for i, byte in enumerate(chunk):
         if byte in b"<&":
-            preceding = (bytes(before) + chunk[:i])[-64:]
+            preceding = (bytes(before[-64:]) + chunk[max(0, i - 64):i])[-64:]
             backslashes = len(preceding) - len(preceding.rstrip(b"\\"))
             if backslashes % 2 == 0:
                 out += b"\\"
