@@ -278,15 +278,20 @@ class Sandbox:
                 return RunResult("", None, reason="cancelled")
             if self.bwrap is None:
                 return await self._run_unsafe(code, cancel, marker)
-            # bwrap's own environment is visible inside (/proc/1/environ of its init): keep it empty
-            if self.cgroups is None:
+            group = None
+            if self.cgroups is not None:
+                try:
+                    group = self.cgroups.create(self.limits.memory_mb << 20, self.limits.max_processes)
+                except OSError as exc:  # e.g. the hierarchy went away: this run gets the fallback
+                    log.warning("sandbox: cannot make this run's control group (%s); per-process limits", exc)
+            if group is None:
+                # bwrap's own environment is visible inside (/proc/1/environ of its init): keep it empty
                 extra = dict(self._drop_privileges(), env={"PATH": "/usr/bin:/bin"}, cwd="/")
                 return await self._run(self.command(marker), code, cancel, extra)
-            return await self._run_in_group(code, cancel, marker)
+            return await self._run_in_group(group, code, cancel, marker)
 
-    async def _run_in_group(self, code: str, cancel: Cancel | None, marker: str) -> RunResult:
+    async def _run_in_group(self, group: cg.RunGroup, code: str, cancel: Cancel | None, marker: str) -> RunResult:
         """The run in its own control group: one memory cap and process cap for all of it."""
-        group = self.cgroups.create(self.limits.memory_mb << 20, self.limits.max_processes)
         try:
             argv = ["/bin/sh", "-c", JOIN_CGROUPS, "sh", *map(str, group.procs_files), "--"]
             if os.geteuid() == 0:  # join as root, then drop to nobody (see the module docstring)

@@ -402,3 +402,17 @@ def test_the_total_must_hold_one_run():
 
     with pytest.raises(ConfigError, match="SANDBOX_TOTAL_MEMORY_MB"):
         load_settings(_env_file=None, sandbox_memory_mb=512, sandbox_total_memory_mb=256)
+
+
+async def test_a_run_whose_group_cannot_be_made_falls_back_to_per_process_limits(monkeypatch):
+    sandbox = make(memory_mb=512, max_processes=32)
+    if sandbox.cgroups is None:
+        pytest.skip("no memory controller here: every run already uses the fallback")
+
+    def fail(*_):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(sandbox.cgroups, "create", fail)
+    assert (await sandbox.run("print(6 * 7)")).output == "42\n"
+    big = await sandbox.run("data = b'x' * (200 << 20)\n")  # over the fallback's 128 MB a process
+    assert big.reason == "memory"
