@@ -416,3 +416,30 @@ async def test_a_run_whose_group_cannot_be_made_falls_back_to_per_process_limits
     assert (await sandbox.run("print(6 * 7)")).output == "42\n"
     big = await sandbox.run("data = b'x' * (200 << 20)\n")  # over the fallback's 128 MB a process
     assert big.reason == "memory"
+
+
+def test_memory_controller_detection_prefers_v2_then_v1_and_says_why_not(tmp_path, monkeypatch):
+    from models import cgroups
+
+    monkeypatch.setattr(cgroups, "_verified", lambda found: (found, ""))  # a fake tree cannot take processes
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/bots/a\n8:pids:/bots/a\n0::/bots/a\n")
+    root = tmp_path / "fs"
+    (root / "unified" / "bots" / "a").mkdir(parents=True)
+    (root / "unified" / "cgroup.controllers").write_text("hugetlb\n")
+    (root / "unified" / "bots" / "a" / "cgroup.controllers").write_text("hugetlb\n")
+    (root / "memory" / "bots" / "a").mkdir(parents=True)
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (root / "pids" / "bots" / "a").mkdir(parents=True)
+    (root / "pids" / "cgroup.procs").write_text("")
+    found, _ = cgroups.detect(root, proc)  # v2 without a memory controller: v1's memory and pids
+    assert (found.version, found.memory_parent, found.pids_parent) == (1, root / "memory/bots/a", root / "pids/bots/a")
+    (root / "unified" / "bots" / "a" / "cgroup.controllers").write_text("cpu memory pids\n")
+    (root / "unified" / "bots" / "a" / "cgroup.subtree_control").write_text("cpu\n")
+    found, _ = cgroups.detect(root, proc)
+    assert (found.version, found.memory_parent) == (2, root / "unified/bots/a")
+    assert (root / "unified/bots/a/cgroup.subtree_control").read_text() == "+memory +pids"  # enabled for run groups
+    proc.write_text("0::/bots/a\n")
+    (root / "unified" / "bots" / "a" / "cgroup.controllers").write_text("cpu\n")
+    found, why = cgroups.detect(root, proc)
+    assert found is None and "no memory controller" in why and "no cgroup v1 memory hierarchy" in why
