@@ -340,6 +340,8 @@ def install(app: App) -> None:
     if unknown:
         log.warning("AGENT_TOOLS: unknown tools ignored: %s", ", ".join(unknown))
     sandbox = make_sandbox(settings)
+    if sandbox is not None:
+        sandbox.on_run = app.metrics.sandbox_run
     params = GenerationParams(
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
     )

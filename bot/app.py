@@ -18,13 +18,17 @@ from models.registry import ModelHub, RoleSpec
 
 from .access import AccessPolicy
 from .config import ROLES, Settings
+from .health import Health
 from .i18n import TEXTS, lang_of, t
 from .limits import TokenBucket, clean_text
+from .log_context import bind
 from .messages import Incoming, ReplySurface
+from .metrics import Metrics
 from .personas import DEFAULT_PERSONA, Persona, build_personas
 from .responders import ChatResponder, Responder, Turn
 from .store import VISIBLE, HistoryStore
 from .streaming import ReplyStream
+from .timed_surface import TimedSurface
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,8 @@ class App:
         self.clock = clock
         self.hub = hub or ModelHub(role_specs(settings))
         self.store = store or HistoryStore(settings.db_path)
+        self.metrics = Metrics(self.hub)  # Prometheus metrics and the status page's figures
+        self.health = Health()  # adapters report their connection state here
         if self.store.recovered:
             log.warning("marked %d answers cut by a previous crash as interrupted", self.store.recovered)
         self.access = AccessPolicy(settings)
@@ -124,6 +130,7 @@ class App:
     # -- the entry point ---------------------------------------------------------------
     async def handle(self, msg: Incoming, surface: ReplySurface) -> None:
         lang = lang_of(msg.language)
+        bind(platform=msg.platform, session=self.session_key(msg), persona=None)
         try:
             if not self.access.allows(msg):
                 await self._refuse(msg, surface, lang)
@@ -154,6 +161,7 @@ class App:
     async def _refuse(self, msg: Incoming, surface: ReplySurface, lang: str) -> None:
         who = f"{msg.platform}:{msg.user_id}"
         log.info("refused %s (chat %s): not on the allowlist", who, msg.chat_id)
+        self.metrics.request(msg.platform, "none", "refused", who)
         last = self._refused.get(who)
         if last is None or self.clock() - last >= REFUSAL_EVERY:
             self._refused[who] = self.clock()
@@ -161,6 +169,7 @@ class App:
 
     async def _refuse_persona(self, msg: Incoming, surface: ReplySurface, persona: Persona, lang: str) -> None:
         log.info("refused %s:%s for the %s persona", msg.platform, msg.user_id, persona.name)
+        self.metrics.request(msg.platform, persona.name, "refused", f"{msg.platform}:{msg.user_id}")
         key = f"{persona.role}_not_allowed"  # a feature may say it its own way
         await self._notice(surface, t(key if key in TEXTS else "not_allowed", lang))
 
@@ -250,9 +259,11 @@ class App:
         if not self.access.allows_role(msg, persona.role):  # also plain messages in a shared group session
             await self._refuse_persona(msg, surface, persona, lang)
             return
+        bind(persona=persona.name)
         text, problem = clean_text(text, self.settings.max_input_chars)
         if problem is not None:
             log.info("rejected input from %s:%s: %s", msg.platform, msg.user_id, problem.key)
+            self.metrics.request(msg.platform, persona.name, "refused", f"{msg.platform}:{msg.user_id}")
             await self._notice(surface, t(problem.key, lang, **problem.values))
             return
         tenant = f"{msg.platform}:{msg.user_id}"
@@ -260,23 +271,31 @@ class App:
         wait = bucket.take(tenant)
         if wait:
             log.info("rate-limited %s for %.0fs", tenant, wait)
+            self.metrics.request(msg.platform, persona.name, "rate_limited", tenant)
             await self._notice(surface, t("rate_limited", lang, seconds=max(1, round(wait))))
             return
         key = self.session_key(msg)
         session = self.session(key)
-        stream = ReplyStream(surface).start()
+        timed = TimedSurface(surface)
+        stream = ReplyStream(timed).start()
         if session.lock.locked():
             stream.set_status(t("queued_session", lang))
+        tokens = None
         try:
             async with session.lock:
-                await self._answer(msg, session, persona, text, lang, stream, attachment, image, tenant)
+                tokens = await self._answer(msg, session, persona, text, lang, stream, attachment, image, tenant)
         finally:  # also on cancellation (shutdown): close the reply cleanly
             await asyncio.shield(stream.finish(empty_text=t("stopped_mark", lang)))
+        self.metrics.answer(
+            msg.platform, persona.name, tenant, first_text=timed.first_text, total=time.monotonic() - timed.started,
+            edits=timed.edits, tokens=tokens or 0, agent=persona.role == "agent",
+        )
 
     async def _answer(
         self, msg: Incoming, session: Session, persona: Persona, text: str, lang: str,
         stream: ReplyStream, attachment: str | None, image: object, tenant: str,
-    ) -> None:
+    ) -> int:
+        """Answer one turn; returns the tokens the model generated."""
         key = session.key
         history = [
             ChatMessage(m.role, m.content)
@@ -321,6 +340,7 @@ class App:
             session.cancel = None
             answer = turn.stored_answer if turn.stored_answer is not None else stream.text
             self.store.update(answer_id, answer, status)
+            self.metrics.request(msg.platform, persona.name, "answered" if status == "ok" else status, tenant)
             log.info(
                 "answered %s as %s: %s, %d prompt + %d answer tokens",
                 tenant, persona.name, status, turn.stats.prompt_tokens, turn.stats.completion_tokens,
@@ -328,3 +348,4 @@ class App:
         if suffix:
             stream.feed(("\n\n" if stream.text else "") + suffix)
         await stream.finish(empty_text=t("empty_answer", lang))
+        return turn.stats.completion_tokens

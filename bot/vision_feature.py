@@ -209,6 +209,7 @@ class ImageHandler:
         persona = app.personas[VISION]
         if not app.access.allows_role(msg, persona.role):
             log.info("refused %s:%s for the vision persona", msg.platform, msg.user_id)
+            app.metrics.image("refused")
             await surface.post(t("not_allowed", lang), phase="notice")
             return
         if msg.image is None:  # /image without a picture: switch, and ask if a picture is there
@@ -227,6 +228,7 @@ class ImageHandler:
                 msg.image, max_bytes=app.settings.max_image_bytes, max_pixels=app.settings.max_image_pixels, side=side
             )
         except ImageProblem as problem:
+            app.metrics.image(problem.key.removeprefix("image_"))
             log.info(
                 "refused an image from %s:%s (%r, %s bytes declared): %s",
                 msg.platform, msg.user_id, msg.image.filename[:64], msg.image.size, problem,
@@ -237,6 +239,7 @@ class ImageHandler:
             "image from %s:%s: %s → %dx%d in %.0f ms",
             msg.platform, msg.user_id, picture.describe(), *picture.image.size, (time.perf_counter() - started) * 1000,
         )
+        app.metrics.image("ok")
         token = uuid.uuid4().hex[:12]
         self.memory.put(key, token, picture)
         app.store.set_persona(key, VISION)

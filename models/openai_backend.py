@@ -316,3 +316,17 @@ async def _sleep_unless(cancel: Cancel, seconds: float) -> bool:
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
+
+
+async def ping(base_url: str, api_key: str = "", timeout: float = 3.0) -> str | None:
+    """None when the server answers `GET /models`; otherwise why not (for readiness checks)."""
+    client = AsyncOpenAI(base_url=base_url.rstrip("/"), api_key=api_key or "none", timeout=timeout, max_retries=0)
+    try:
+        await client.models.list()
+        return None
+    except openai.APIStatusError as exc:
+        return f"the model server at {base_url} answered HTTP {exc.status_code}"
+    except Exception as exc:
+        return f"the model server at {base_url} cannot be reached ({type(exc).__name__})"
+    finally:
+        await client.close()

@@ -29,6 +29,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .base import Cancel
 
@@ -145,6 +146,7 @@ class Sandbox:
     python: str | None = field(default_factory=find_python)
     unsafe_no_bwrap: bool = False  # the admin's explicit opt-in to run code unsandboxed
     max_concurrent: int = 4
+    on_run: Callable[[str, float], None] | None = None  # (outcome, seconds) after each run, for metrics
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.max_concurrent)
@@ -213,6 +215,20 @@ class Sandbox:
     # -- running -------------------------------------------------------------------------
     async def run(self, code: str, *, cancel: Cancel | None = None, marker: str = "") -> RunResult:
         """Run `code` and return its output. Raises SandboxUnavailable when it cannot run safely."""
+        started = time.perf_counter()
+        try:
+            result = await self._execute(code, cancel=cancel, marker=marker)
+        except SandboxUnavailable:
+            self._report("refused", started)
+            raise
+        self._report(outcome_of(result), started)
+        return result
+
+    def _report(self, outcome: str, started: float) -> None:
+        if self.on_run is not None:
+            self.on_run(outcome, time.perf_counter() - started)
+
+    async def _execute(self, code: str, *, cancel: Cancel | None, marker: str) -> RunResult:
         if self.problem is not None:
             raise SandboxUnavailable(self.problem)
         if len(code) > MAX_CODE_CHARS:
@@ -323,6 +339,21 @@ class Sandbox:
             bytes_received=len(received),
             seconds=time.perf_counter() - started,
         )
+
+
+def outcome_of(result: RunResult) -> str:
+    """One word for metrics: ok, error, timeout, memory_cap, output_cap or cancelled."""
+    if result.reason in ("wall", "cpu"):
+        return "timeout"
+    if result.reason == "output":
+        return "output_cap"
+    if result.reason == "cancelled":
+        return "cancelled"
+    if result.exit_code == 0:
+        return "ok"
+    if "MemoryError" in result.output or result.reason == "memory":
+        return "memory_cap"
+    return "error"
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:

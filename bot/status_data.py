@@ -1,0 +1,74 @@
+"""What the status page shows, as one JSON-ready snapshot (also served at /api/status).
+
+Configuration without secrets, adapter and model states, the last hour's chart series and
+the last day's usage per user id (never names or message text).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .app import App
+
+
+def configuration(app: "App") -> dict:
+    s = app.settings
+    return {
+        "roles": {
+            role: {"model": spec.model, "backend": spec.backend, "server": spec.base_url or None}
+            for role, spec in app.hub.specs.items()
+        },
+        "device": s.device,
+        "dtype": s.dtype,
+        "max_concurrent_generations": s.max_concurrent_generations,
+        "max_context_tokens": s.max_context_tokens,
+        "max_new_tokens": s.max_new_tokens,
+        "rate_limit": f"{s.rate_limit_messages} / {s.rate_limit_per_minute:g} per min",
+        "agent_rate_limit": f"{s.agent_rate_limit_messages} / {s.agent_rate_limit_per_minute:g} per min",
+        "personas": sorted(app.personas),
+        "metrics": f"{s.metrics_host}:{s.metrics_port}",
+    }
+
+
+def models(app: "App") -> list[dict]:
+    out = []
+    for model in app.hub.models:
+        fig = model.figures
+        out.append({
+            "model": model.spec.model,
+            "roles": app.hub.roles_of(model),
+            "backend": model.spec.backend,
+            "state": fig.state,
+            "error": fig.error or None,
+            "device": fig.device or None,
+            "memory_bytes": fig.memory_bytes,
+            "load_seconds": None if fig.load_seconds is None else round(fig.load_seconds, 2),
+            "queue": model.scheduler.waiting,
+            "in_flight": model.scheduler.active,
+            "batch_size": fig.batch_size,
+            "tokens": fig.tokens,
+        })
+    return out
+
+
+async def status_snapshot(app: "App", *, started: float) -> dict:
+    app.metrics.sample_models()
+    ready, report = await app.health.readiness(app.hub)
+    return {
+        "now": time.time(),
+        "uptime_seconds": round(time.time() - started),
+        "ready": ready,
+        "readiness": report,
+        "config": configuration(app),
+        "adapters": [
+            {"name": name, "state": a.state, "detail": a.detail, "since": a.since} for name, a in app.health.adapters.items()
+        ],
+        "models": models(app),
+        "series": app.metrics.recent.series(),
+        "usage": [
+            {"user": user, "messages": u.messages, "tokens": u.tokens, "agent_runs": u.agent_runs}
+            for user, u in app.metrics.usage.last_day()
+        ],
+    }
