@@ -94,13 +94,24 @@ class Metrics:
         """Fold the models' counters and queues into the recent figures (the charts)."""
         if self.hub is None:
             return
-        for model in self.hub.models:
-            name = model.spec.model
+        for name, model in model_names(self.hub):
+            if model.figures.state == "not loaded":
+                continue  # a model nobody used yet would only add flat lines
             self.recent.counter(f"tokens:{name}", model.figures.tokens)
             self.recent.peak(f"queue:{name}", model.scheduler.waiting)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def model_names(hub: ModelHub) -> list[tuple[str, object]]:
+    """(label, model) for each loaded-or-not model: its configured name, plus its roles when
+    two instances share a name (e.g. a model that serves chat and, loaded as a VLM, vision)."""
+    models = hub.models
+    names = [m.spec.model for m in models]
+    return [
+        (name if names.count(name) == 1 else f"{name} ({','.join(hub.roles_of(m))})", m) for name, m in zip(names, models)
+    ]
 
 
 class ModelCollector(Collector):
@@ -123,8 +134,8 @@ class ModelCollector(Collector):
         tokens = CounterMetricFamily(f"{PREFIX}_model_tokens", "Tokens generated", labels=["model"])
         busy = CounterMetricFamily(f"{PREFIX}_model_generation_seconds", "Time spent generating", labels=["model"])
         streams = CounterMetricFamily(f"{PREFIX}_model_streams", "Generations finished", labels=["model"])
-        for model in self.hub.models:
-            name, fig = model.spec.model, model.figures
+        for name, model in model_names(self.hub):
+            fig = model.figures
             for s in STATES:
                 state.add_metric([name, s], 1.0 if fig.state == s else 0.0)
             queue.add_metric([name], model.scheduler.waiting)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from .metrics import model_names
+
 if TYPE_CHECKING:
     from .app import App
 
@@ -34,10 +36,10 @@ def configuration(app: "App") -> dict:
 
 def models(app: "App") -> list[dict]:
     out = []
-    for model in app.hub.models:
+    for name, model in model_names(app.hub):
         fig = model.figures
         out.append({
-            "model": model.spec.model,
+            "model": name,
             "roles": app.hub.roles_of(model),
             "backend": model.spec.backend,
             "state": fig.state,

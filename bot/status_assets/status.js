@@ -49,7 +49,7 @@
 
   // One chart: lines over the last hour's minutes; a dot (with its value as data) per non-zero point.
   function chart(id, title, minutes, lines, unit) {
-    var W = 560, H = 170, L = 44, R = 10, TOP = 10, B = 22;
+    var W = 440, H = 170, L = 40, R = 12, TOP = 10, B = 22;
     var figure = el("figure", {"class": "chart", "id": "chart-" + id});
     figure.appendChild(el("figcaption", {}, title));
     var svg = el("svg:svg", {"viewBox": "0 0 " + W + " " + H, "role": "img", "aria-label": title});
@@ -60,7 +60,7 @@
     var y = function (v) { return TOP + (H - TOP - B) * (1 - v / max); };
     [0, 0.5, 1].forEach(function (f) {
       svg.appendChild(el("svg:line", {"class": "axis", "x1": L, "x2": W - R, "y1": y(max * f), "y2": y(max * f)}));
-      svg.appendChild(el("svg:text", {"class": "tick", "x": L - 4, "y": y(max * f) + 3, "text-anchor": "end"}, fmt(max * f) + (f === 1 && unit ? " " + unit : "")));
+      svg.appendChild(el("svg:text", {"class": "tick", "x": L - 4, "y": y(max * f) + 3, "text-anchor": "end"}, fmt(max * f)));
     });
     for (var i = 0; i < n; i += 15) svg.appendChild(el("svg:text", {"class": "tick", "x": x(i), "y": H - 6, "text-anchor": "middle"}, clock(minutes[i])));
     svg.appendChild(el("svg:text", {"class": "tick", "x": x(n - 1), "y": H - 6, "text-anchor": "end"}, clock(minutes[n - 1])));
