@@ -7,7 +7,12 @@ on this CPU) it measures, alternating runs to share any drift:
 It prints tokens/s of each, their ratio (goal ≥ 0.97) and the bot's added first-token latency
 (goal ≤ 20 ms).
 
-    .venv/bin/python bench/streaming.py [--tokens 200] [--repeats 3]
+With --metrics it also runs the bot path with metrics on (the status server up, every figure
+recorded, and a client scraping /metrics and polling the status page's /api/status every
+second, as Prometheus and an open page would) against metrics off (METRICS_PORT empty), on the
+same loaded model, alternating, and prints their tokens/s ratio (goal ≥ 0.99).
+
+    .venv/bin/python bench/streaming.py [--tokens 200] [--repeats 3] [--metrics]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 from adapters.console import ConsoleAdapter  # noqa: E402
 from bot.app import App  # noqa: E402
 from bot.config import Settings  # noqa: E402
+from bot.status_server import StatusServer  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 
@@ -107,6 +113,34 @@ async def bot_run(app: App, text: str) -> tuple[float, float, int]:
     return stats.completion_tokens / elapsed, out.first - started, stats.completion_tokens
 
 
+async def bot_run_watched(app: App, text: str, every: float = 1.0) -> tuple[float, float, int]:
+    """bot_run with the status server up and a client scraping it every `every` seconds."""
+    import aiohttp
+
+    server = await StatusServer(app, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{server.port}"
+    scrapes = 0
+
+    async def scrape() -> None:
+        nonlocal scrapes
+        async with aiohttp.ClientSession() as http:
+            while True:
+                for path in ("/metrics", "/api/status"):
+                    async with http.get(base + path) as response:
+                        await response.read()
+                        scrapes += response.status == 200
+                await asyncio.sleep(every)
+
+    scraper = asyncio.create_task(scrape())
+    try:
+        return await bot_run(app, text)
+    finally:
+        scraper.cancel()
+        await asyncio.gather(scraper, return_exceptions=True)
+        await server.stop()
+        assert scrapes, "the status server was never scraped"
+
+
 class _FirstWrite(io.TextIOBase):
     first: float = 0.0
 
@@ -116,19 +150,28 @@ class _FirstWrite(io.TextIOBase):
         return len(text)
 
 
-def bench_model(label: str, path: Path, tokens: int, repeats: int, data_dir: Path, device: str = "cpu", dtype: str = "auto") -> dict:
+def bench_model(
+    label: str, path: Path, tokens: int, repeats: int, data_dir: Path, device: str = "cpu", dtype: str = "auto",
+    metrics: bool = False,
+) -> dict:
     settings = Settings(
         _env_file=None, chat_model=str(path), data_dir=data_dir, device=device, dtype=dtype, temperature=0.0,
-        max_new_tokens=tokens, max_context_tokens=4096, rate_limit_messages=1000,
+        max_new_tokens=tokens, max_context_tokens=4096, rate_limit_messages=1000, metrics_port=None,
     )
-    app = App(settings)
+    app = App(settings)  # metrics off (METRICS_PORT empty)
+    watched = App(settings.model_copy(update={"metrics_port": 0, "data_dir": data_dir / "on"}), hub=app.hub) if metrics else None
     loop = asyncio.new_event_loop()
     loop.run_until_complete(bot_run(app, "/reset"))
     loop.run_until_complete(bot_run(app, "ping"))  # load + warm up
     backend = app.hub.get("chat").backend
-    raw_tps, raw_first, bot_tps, bot_first = [], [], [], []
+    raw_tps, raw_first, bot_tps, bot_first, on_tps, off_tps = [], [], [], [], [], []
     question = "code"
-    for _ in range(repeats):
+    for repeat in range(repeats):
+        if watched is not None:  # metrics on and off on the same loaded model, in turns
+            for on in (True, False) if repeat % 2 == 0 else (False, True):
+                loop.run_until_complete(bot_run(watched if on else app, "/reset"))
+                runs = bot_run_watched(watched, question) if on else bot_run(app, question)
+                (on_tps if on else off_tps).append(loop.run_until_complete(runs)[0])
         loop.run_until_complete(bot_run(app, "/reset"))
         tps, first, produced = loop.run_until_complete(bot_run(app, question))
         bot_tps.append(tps)
@@ -139,6 +182,8 @@ def bench_model(label: str, path: Path, tokens: int, repeats: int, data_dir: Pat
         raw_first.append(first)
     loop.close()
     app.store.close()
+    if watched is not None:
+        watched.store.close()
     raw, bot = statistics.median(raw_tps), statistics.median(bot_tps)
     result = {
         "model": label,
@@ -149,6 +194,10 @@ def bench_model(label: str, path: Path, tokens: int, repeats: int, data_dir: Pat
         "ratio": bot / raw,
         "added first-token ms": 1000 * (statistics.median(bot_first) - statistics.median(raw_first)),
     }
+    if watched is not None:
+        result["metrics on tok/s"] = statistics.median(on_tps)
+        result["metrics off tok/s"] = statistics.median(off_tps)
+        result["metrics on/off"] = result["metrics on tok/s"] / result["metrics off tok/s"]
     return result
 
 
@@ -162,6 +211,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     parser.add_argument("--skip-tiny", action="store_true", help="only the random model (no tiny-model training)")
+    parser.add_argument("--metrics", action="store_true", help="also compare metrics on (scraped every second) with metrics off")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -171,11 +221,11 @@ def main() -> None:
             tokenizer_dir = bench_tokenizer(Path(tmp) / "tokenizer")
         else:
             tokenizer_dir = tiny_models.chat_model_path()
-            rows.append(bench_model("tiny test model", tokenizer_dir, args.tokens, args.repeats, Path(tmp) / "d1", args.device, args.dtype))
+            rows.append(bench_model("tiny test model", tokenizer_dir, args.tokens, args.repeats, Path(tmp) / "d1", args.device, args.dtype, args.metrics))
         shape = INTERNLM2_1_8B if args.internlm2 else dict(hidden=args.hidden, layers=args.layers)
         big, params = random_model(tokenizer_dir, Path(tmp) / "random", **shape)
         label = f"random Llama {params / 1e6:.0f}M" + (" (InternLM2-1.8B shape)" if args.internlm2 else "")
-        rows.append(bench_model(label, big, args.tokens, args.repeats, Path(tmp) / "d2", args.device, args.dtype))
+        rows.append(bench_model(label, big, args.tokens, args.repeats, Path(tmp) / "d2", args.device, args.dtype, args.metrics))
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, dtype {args.dtype}, {args.tokens} tokens, median of {args.repeats}")
     header = list(rows[0])

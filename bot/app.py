@@ -23,7 +23,7 @@ from .i18n import TEXTS, lang_of, t
 from .limits import TokenBucket, clean_text
 from .log_context import bind
 from .messages import Incoming, ReplySurface
-from .metrics import Metrics
+from .metrics import Metrics, NoMetrics
 from .personas import DEFAULT_PERSONA, Persona, build_personas
 from .responders import ChatResponder, Responder, Turn
 from .store import VISIBLE, HistoryStore
@@ -85,7 +85,8 @@ class App:
         self.clock = clock
         self.hub = hub or ModelHub(role_specs(settings))
         self.store = store or HistoryStore(settings.db_path)
-        self.metrics = Metrics(self.hub)  # Prometheus metrics and the status page's figures
+        # Prometheus metrics and the status page's figures; not kept when there is no server
+        self.metrics = Metrics(self.hub) if settings.metrics_port is not None else NoMetrics()
         self.health = Health()  # adapters report their connection state here
         if self.store.recovered:
             log.warning("marked %d answers cut by a previous crash as interrupted", self.store.recovered)

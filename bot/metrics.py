@@ -114,6 +114,28 @@ def model_names(hub: ModelHub) -> list[tuple[str, object]]:
     ]
 
 
+class NoMetrics(Metrics):
+    """METRICS_PORT empty: nobody can read the figures, so nothing is recorded."""
+
+    def __init__(self, hub: ModelHub | None = None) -> None:
+        super().__init__(None)
+
+    def request(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def answer(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def api_call(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def sandbox_run(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def image(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
 class ModelCollector(Collector):
     """Model figures, read from the hub's models when Prometheus scrapes."""
 

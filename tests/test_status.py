@@ -271,3 +271,12 @@ async def test_json_logs_carry_platform_persona_session_and_hide_secrets(make_ap
     assert answer["session"].startswith("telegram:") and answer["session"].endswith(":42")
     assert TOKEN not in text and TOKEN.split(":")[1] not in text
     assert any(line["message"] == "the token is ***" for line in lines)
+
+
+def test_docker_compose_probes_the_bots_readiness():
+    import yaml
+
+    bot = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["bot"]
+    port = bot["environment"]["METRICS_PORT"]
+    assert f"http://127.0.0.1:{port}/readyz" in " ".join(bot["healthcheck"]["test"])
+    assert bot["environment"]["METRICS_HOST"] == "0.0.0.0" and "STATUS_TOKEN" in bot["environment"]
