@@ -16,7 +16,10 @@ console: install
 check: install
 	$(PY) -m bot check
 
+# The tiny test models are built first (tests/prebuild.py, its own progress lines), outside any
+# test's timeout; the tests then find them in the cache.
 test: install system-deps test-deps
+	$(PY) -m tests.prebuild
 	$(PY) -m pytest
 
 install: $(STAMP)

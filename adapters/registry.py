@@ -23,7 +23,7 @@ def create_adapters(app: App, settings: Settings, platforms: list[str]) -> list[
 
         adapters.append(TelegramAdapter(app, settings))
     if "discord" in platforms:
-        from .discord_bot import DiscordAdapter
+        from .discord import DiscordAdapter
 
         adapters.append(DiscordAdapter(app, settings))
     if not adapters:

@@ -19,10 +19,10 @@ from discord.app_commands import locale_str
 
 from bot.i18n import t
 
-from . import discord_texts  # noqa: F401  (registers the texts)
+from . import texts  # noqa: F401  (registers the texts)
 
 if TYPE_CHECKING:
-    from .discord_bot import DiscordAdapter
+    from .adapter import DiscordAdapter
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from bot.i18n import t
 from bot.messages import Incoming, MessageGone, Phase, RetryLater, SurfaceLimits
 from bot.splitting import split
 
-from . import discord_texts  # noqa: F401  (registers the texts)
+from . import texts  # noqa: F401  (registers the texts)
 
 if TYPE_CHECKING:
-    from .discord_bot import DiscordAdapter
+    from .adapter import DiscordAdapter
 
 log = logging.getLogger(__name__)
 

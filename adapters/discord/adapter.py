@@ -3,7 +3,7 @@
 Read top to bottom: `run` logs in, syncs the commands when they changed, connects the gateway
 and serves until `stop`; `on_command` defers at once and hands the command to the core;
 `on_message` does the same for DMs and mentions; `on_button` serves Stop and Regenerate.
-Everything about showing an answer is in discord_surface.py, the commands in discord_commands.py.
+Everything about showing an answer is in surface.py, the commands in commands.py.
 
 The bot needs no privileged intent: Discord delivers the text of DMs and of messages that
 mention the bot without MESSAGE_CONTENT.
@@ -25,8 +25,8 @@ from bot.config import Settings
 from bot.i18n import t
 from bot.messages import ImageAttachment, Incoming
 
-from .discord_commands import I18nTranslator, build_tree, sync_commands
-from .discord_surface import InteractionSurface, MessageSurface, OwnedButton
+from .commands import I18nTranslator, build_tree, sync_commands
+from .surface import InteractionSurface, MessageSurface, OwnedButton
 
 log = logging.getLogger(__name__)
 
