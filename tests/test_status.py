@@ -280,3 +280,24 @@ def test_docker_compose_probes_the_bots_readiness():
     port = bot["environment"]["METRICS_PORT"]
     assert f"http://127.0.0.1:{port}/readyz" in " ".join(bot["healthcheck"]["test"])
     assert bot["environment"]["METRICS_HOST"] == "0.0.0.0" and "STATUS_TOKEN" in bot["environment"]
+
+
+async def test_discord_api_calls_and_connection_show_in_metrics_and_readiness(make_app):
+    from tests.discord_harness import stack, until_done
+
+    async with stack(make_app) as (fake, app, adapter), status_server(app) as base, aiohttp.ClientSession() as http:
+        async with http.get(base + "/readyz") as r:
+            assert r.status == 200 and (await r.json())["adapters"] == {"discord": "connected"}
+        fake.inject("PATCH", r"/webhooks/.*/messages/@original", count=1)  # discord.py waits and retries
+        interaction = await fake.slash("chat", fake.alice, prompt="ping")
+        await until_done(fake, interaction)
+        await fake.wait_for(lambda: app.metrics.registry.get_sample_value(
+            "internlm_bot_answer_seconds_count", {"platform": "discord", "persona": "internlm"}) == 1)
+        samples = await scrape(http, base)
+    assert value(samples, "internlm_bot_requests_total", platform="discord", outcome="answered") == 1
+    edits = "PATCH /webhooks/{id}/{token}/messages/@original"
+    assert value(samples, "internlm_bot_platform_api_calls_total", platform="discord", method=edits, result="429") == 1
+    assert value(samples, "internlm_bot_platform_api_calls_total", platform="discord", method=edits, result="ok") >= 1
+    assert value(samples, "internlm_bot_platform_api_calls_total", platform="discord", method="POST /interactions/{id}/{token}/callback", result="ok") == 1
+    methods = {dict(ls).get("method", "") for (n, ls) in samples if n == "internlm_bot_platform_api_calls_total"}
+    assert not any(str(fake.alice.id) in m or str(fake.channel.id) in m or interaction.token in m for m in methods), methods

@@ -25,6 +25,7 @@ from bot.config import Settings
 from bot.i18n import t
 from bot.messages import ImageAttachment, Incoming
 
+from .api_calls import api_call_trace
 from .commands import I18nTranslator, build_tree, sync_commands
 from .surface import InteractionSurface, MessageSurface, OwnedButton
 
@@ -45,6 +46,14 @@ class _Client(discord.Client):
 
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s (%s guilds)", self.user, len(self.guilds))
+        self.adapter.app.health.adapter("discord", "connected")
+
+    async def on_resumed(self) -> None:
+        self.adapter.app.health.adapter("discord", "connected")
+
+    async def on_disconnect(self) -> None:
+        if not self.adapter._closing:
+            self.adapter.app.health.adapter("discord", "disconnected", "gateway connection lost; reconnecting")
 
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
@@ -69,6 +78,7 @@ class DiscordAdapter:
         self.client = _Client(
             self, intents=intents, allowed_mentions=discord.AllowedMentions.none(),  # model text never pings
             guild_ready_timeout=guild_ready_timeout,
+            http_trace=api_call_trace(lambda method, result: app.metrics.api_call("discord", method, result)),
         )
         self.tree = build_tree(self.client, self)
         self._running: dict[asyncio.Task, str] = {}  # answers in flight -> session key
@@ -128,6 +138,7 @@ class DiscordAdapter:
     async def _shutdown(self) -> None:
         """Stop the answers in flight (they end with "⏹ stopped"), then close the connection."""
         self._closing = True
+        self.app.health.adapter(self.name, "stopped")
         deadline = time.monotonic() + SHUTDOWN_GRACE
         while self._running and time.monotonic() < deadline:
             for key in set(self._running.values()):  # again and again: queued answers start meanwhile
