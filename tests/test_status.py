@@ -301,3 +301,38 @@ async def test_discord_api_calls_and_connection_show_in_metrics_and_readiness(ma
     assert value(samples, "internlm_bot_platform_api_calls_total", platform="discord", method="POST /interactions/{id}/{token}/callback", result="ok") == 1
     methods = {dict(ls).get("method", "") for (n, ls) in samples if n == "internlm_bot_platform_api_calls_total"}
     assert not any(str(fake.alice.id) in m or str(fake.channel.id) in m or interaction.token in m for m in methods), methods
+
+
+async def test_sandbox_runs_and_picture_intake_are_counted_by_outcome(make_app):
+    import io
+
+    from PIL import Image
+
+    async with FakeTelegram(TOKEN) as fake:
+        app = make_app(**telegram_settings(fake), agent_tools="python", sandbox_cpu_seconds=1, sandbox_memory_mb=64)
+        sandbox = app.responders["agent"].sandbox  # the agent's own sandbox, as /agent uses it
+        assert (await sandbox.run("print(1)")).ok
+        await sandbox.run("while True: pass")
+        await sandbox.run("x = bytearray(256 * 2**20)")
+        await sandbox.run("raise SystemExit(3)")
+        from models.sandbox import Sandbox, SandboxUnavailable
+
+        no_bwrap = Sandbox(sandbox.limits, bwrap=None, on_run=app.metrics.sandbox_run)  # bubblewrap missing
+        with pytest.raises(SandboxUnavailable):
+            await no_bwrap.run("print(1)")
+        async with running_bot(app):
+            chat = fake.private_chat(42)
+            fake.send_photo(chat, 42, b"this is not a picture", caption="what is this?")
+            png = io.BytesIO()
+            Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+            fake.send_photo(chat, 42, png.getvalue(), caption="what is this?")
+            await fake.wait_until(lambda: len(fake.texts(chat)) >= 2 and app.metrics.registry.get_sample_value(
+                "internlm_bot_image_intake_total", {"outcome": "ok"}) == 1)
+        async with status_server(app) as base, aiohttp.ClientSession() as http:
+            samples = await scrape(http, base)
+    for outcome in ("ok", "timeout", "memory_cap", "error", "refused"):
+        assert value(samples, "internlm_bot_sandbox_runs_total", outcome=outcome) == 1, outcome
+        assert value(samples, "internlm_bot_sandbox_run_seconds_count", outcome=outcome) == 1, outcome
+    assert value(samples, "internlm_bot_sandbox_run_seconds_sum", outcome="timeout") >= 1.0  # the CPU limit
+    assert value(samples, "internlm_bot_image_intake_total", outcome="not_image") == 1
+    assert value(samples, "internlm_bot_image_intake_total", outcome="ok") == 1
