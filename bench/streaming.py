@@ -141,6 +141,28 @@ async def bot_run_watched(app: App, text: str, every: float = 1.0) -> tuple[floa
         assert scrapes, "the status server was never scraped"
 
 
+def metrics_costs(app: App, calls_per_answer: int = 12, rounds: int = 2000) -> tuple[float, float]:
+    """(µs of recording per answer, ms per scrape of /metrics + /api/status): the CPU the
+    metrics add, measured directly (steadier than a tokens/s ratio on a busy machine)."""
+    from bot.status_data import status_snapshot
+
+    metrics = app.metrics
+    started = time.perf_counter()
+    for i in range(rounds):  # what one answer records: its outcome, its timings, its API calls
+        metrics.request("console", "internlm", "answered", f"console:{i % 50}")
+        metrics.answer("console", "internlm", f"console:{i % 50}", first_text=0.2, total=3.0, edits=10, tokens=200, agent=False)
+        for _ in range(calls_per_answer):
+            metrics.api_call("console", "editMessageText", "ok")
+    record_us = (time.perf_counter() - started) / rounds * 1e6
+    loop = asyncio.new_event_loop()
+    started = time.perf_counter()
+    for _ in range(50):
+        metrics.exposition()
+        loop.run_until_complete(status_snapshot(app, started=0.0))
+    loop.close()
+    return record_us, (time.perf_counter() - started) / 50 * 1000
+
+
 class _FirstWrite(io.TextIOBase):
     first: float = 0.0
 
@@ -198,6 +220,12 @@ def bench_model(
         result["metrics on tok/s"] = statistics.median(on_tps)
         result["metrics off tok/s"] = statistics.median(off_tps)
         result["metrics on/off"] = result["metrics on tok/s"] / result["metrics off tok/s"]
+        record_us, scrape_ms = metrics_costs(watched)
+        answer_s = tokens / result["metrics off tok/s"]
+        result["recording µs/answer"] = record_us
+        result["scrape ms"] = scrape_ms
+        # share of one answer's time: its own recording plus one scrape per second while it runs
+        result["metrics cost %"] = 100 * (record_us / 1e6 + answer_s * scrape_ms / 1000) / answer_s
     return result
 
 

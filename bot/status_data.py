@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 from .metrics import model_names
 
@@ -15,11 +16,19 @@ if TYPE_CHECKING:
     from .app import App
 
 
+def _without_credentials(url: str) -> str | None:
+    """A server URL as shown on the page: any user:password@ part removed."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.username else url
+
+
 def configuration(app: "App") -> dict:
     s = app.settings
     return {
         "roles": {
-            role: {"model": spec.model, "backend": spec.backend, "server": spec.base_url or None}
+            role: {"model": spec.model, "backend": spec.backend, "server": _without_credentials(spec.base_url)}
             for role, spec in app.hub.specs.items()
         },
         "device": s.device,
