@@ -10,7 +10,7 @@ import pytest
 # Nothing in the tests may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# One torch thread, set explicitly (here and for child processes such as `python -m bot`): the
+# One torch thread, set explicitly (here and for child processes such as `python -m launcher`): the
 # tiny models gain nothing from more, and on a busy machine extra threads only spin and wait.
 TORCH_THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
 
@@ -79,10 +79,9 @@ def make_app(make_settings):
     apps: list[App] = []
 
     def make(settings: Settings | None = None, **overrides) -> App:
-        from bot.features import install_features
+        from launcher.compose import build_app
 
-        app = App(settings or make_settings(**overrides))
-        install_features(app)
+        app = build_app(settings or make_settings(**overrides))
         apps.append(app)
         return app
 

@@ -14,14 +14,14 @@ TOKEN = "123456:TEST-token-abcdefghijklmnopqrstuv"
 
 
 def telegram_settings(fake: FakeTelegram, **overrides) -> dict:
-    """Settings overrides that point the adapter at the fake."""
-    return dict(telegram_bot_token=TOKEN, telegram_api_base_url=fake.base_url, **overrides)
+    """Settings overrides that point the adapter at the fake (answers get 30 s at shutdown)."""
+    return dict(telegram_bot_token=TOKEN, telegram_api_base_url=fake.base_url, **{"shutdown_grace": 30.0, **overrides})
 
 
 @asynccontextmanager
 async def running_bot(app: App, **adapter_options) -> AsyncIterator[TelegramAdapter]:
     """Start the adapter (getMe, setMyCommands, polling or webhook); stop it like SIGTERM does."""
-    options = dict(read_timeout=3.0, poll_timeout=5, shutdown_grace=30.0)
+    options = dict(read_timeout=3.0, poll_timeout=5)
     options.update(adapter_options)
     adapter = TelegramAdapter(app, app.settings, **options)
     stop = asyncio.Event()

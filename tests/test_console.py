@@ -73,7 +73,7 @@ def run_cli(args: list[str], stdin: str, data_dir: Path, chat_model: Path, bajie
         DEVICE="cpu", MAX_NEW_TOKENS="40", HF_HUB_OFFLINE="1", **env,
     )
     return subprocess.run(
-        [sys.executable, "-m", "bot", *args], input=stdin, capture_output=True, text=True, cwd=REPO, env=environment, timeout=240
+        [sys.executable, "-m", "launcher", *args], input=stdin, capture_output=True, text=True, cwd=REPO, env=environment, timeout=240
     )
 
 

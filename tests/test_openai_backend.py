@@ -258,7 +258,7 @@ def test_token_estimate_is_sensible(tiny_chat_model):
     assert 90 <= approx_tokens(english) <= 160  # ~4.5 characters per token, estimated a little high
     b = OpenAIBackend(base_url="http://127.0.0.1:9/v1", model="x")
     with_image = b.count_tokens([ChatMessage("user", "hi", image=object())])
-    assert with_image - b.count_tokens([ChatMessage("user", "hi")]) == b.image_tokens
+    assert with_image - b.count_tokens([ChatMessage("user", "hi")]) == b.capabilities.image_tokens
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
     messages = [ChatMessage("system", INTERNLM_SYSTEM_PROMPT), ChatMessage("user", "ping 你好")]
     real = len(tokenizer.apply_chat_template([m.as_dict() for m in messages], add_generation_prompt=True))

@@ -215,7 +215,7 @@ def test_a_non_loopback_metrics_host_without_status_token_refuses_to_start(tmp_p
         **os.environ, "METRICS_HOST": "0.0.0.0", "METRICS_PORT": "9464", "STATUS_TOKEN": "", "TELEGRAM_BOT_TOKEN": TOKEN,
         "DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT),
     }
-    done = subprocess.run([sys.executable, "-m", "bot"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "launcher"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "METRICS_HOST=0.0.0.0" in done.stderr and "STATUS_TOKEN" in done.stderr
     assert not (tmp_path / "data").exists()  # refused before anything started

@@ -71,7 +71,7 @@ def test_every_tiny_model_of_the_suite_is_prebuilt():
 
 
 def test_torch_runs_on_an_explicit_thread_count():
-    assert os.environ["OMP_NUM_THREADS"] == "1"  # also what child processes (python -m bot) inherit
+    assert os.environ["OMP_NUM_THREADS"] == "1"  # also what child processes (python -m launcher) inherit
     assert torch.get_num_threads() == 1
 
 

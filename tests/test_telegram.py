@@ -10,9 +10,11 @@ import socket
 import aiohttp
 import pytest
 
+from bot.features import FEATURES, Catalogue
 from bot.i18n import t
 from bot.logs import setup_logging
 from tests.slow import slow_down
+from tests.surfaces import PictureRecorder, tiny_picture
 from tests.fake_telegram import FakeTelegram
 from tests.telegram_harness import TOKEN, running_bot, telegram_settings
 from tests.tiny_models import COUNT_ANSWER, CODE_LINE
@@ -44,7 +46,7 @@ async def test_private_ping_streams_to_exactly_pong_with_menu_and_buttons(make_a
             assert fake.buttons(answer) == ["regen:42"]
             assert any(action == "typing" and c == chat for _, c, action in fake.actions)
             # the menu, in English and Chinese, from the core's commands
-            assert [c["command"] for c in fake.commands[None]] == [name for name, _ in app.commands()]
+            assert [c["command"] for c in fake.commands[None]] == [f.command for f in app.menu("telegram")]
             assert fake.commands[None][0]["description"] == t("cmd_start", "en")
             assert fake.commands["zh"][0]["description"] == t("cmd_start", "zh")
             # /start greets in the user's language
@@ -271,7 +273,8 @@ async def test_a_user_not_on_the_allowlist_never_reaches_the_model(make_app):
 async def test_photos_and_image_files_reach_the_image_path(make_app):
     async with FakeTelegram(TOKEN) as fake:
         app = make_app(**telegram_settings(fake, telegram_file_base_url=fake.file_base_url))
-        app.image_handler = None  # until the vision feature is installed
+        declared = app.features
+        app.features = Catalogue([f for f in FEATURES if f.argument != "image"])  # a bot without pictures
         async with running_bot(app):
             chat = fake.private_chat(42)
             fake.send_photo(chat, 42, b"\x89PNG fake photo", caption="what is this?")
@@ -279,20 +282,14 @@ async def test_photos_and_image_files_reach_the_image_path(make_app):
             assert fake.texts(chat) == [t("not_available", "en", feature=t("feature_image", "en"))]
             assert fake.downloads == []  # nothing fetched for nothing
 
-            seen = []
-
-            async def image_handler(app_, msg, surface, args, lang):
-                data = await msg.image.fetch()
-                seen.append((args, msg.image.size, msg.image.mime_type, data))
-                await surface.post(f"got {len(data)} bytes", phase="notice")
-
-            app.image_handler = image_handler
-            fake.send_document(chat, 42, b"GIF89a tiny", file_name="a.gif", mime_type="image/gif", caption="and this?")
+            app.features, app.responders["vision"] = declared, (recorder := PictureRecorder())
+            gif = tiny_picture("GIF")
+            fake.send_document(chat, 42, gif, file_name="a.gif", mime_type="image/gif", caption="and this?")
             await fake.wait_until(lambda: len(fake.texts(chat)) == 2)
-            assert seen == [("and this?", 11, "image/gif", b"GIF89a tiny")]
+            assert recorder.seen == [("and this?", len(gif), "image/gif", "GIF", len(gif))]
             fake.send_photo(chat, 42, b"big", size=30 * 2**20)  # Telegram refuses files over 20 MB
             await fake.wait_until(lambda: len(fake.texts(chat)) == 3)
-            assert fake.texts(chat)[2] == t("internal_error", "en")  # a clear message, no crash
+            assert fake.texts(chat)[2] == t("image_too_big", "en", size="30", limit="20")  # a clear message, no crash
 
 
 def _free_port() -> int:
@@ -327,8 +324,8 @@ async def test_webhook_mode_checks_the_secret_token(make_app):
 
 async def test_shutdown_lets_answers_finish_or_closes_them_cleanly(make_app):
     async with FakeTelegram(TOKEN) as fake:
-        app = make_app(**telegram_settings(fake), max_new_tokens=1800)
-        async with running_bot(app, shutdown_grace=0.5) as adapter:
+        app = make_app(**telegram_settings(fake, shutdown_grace=0.5), max_new_tokens=1800)
+        async with running_bot(app) as adapter:
             chat = fake.private_chat(42)
             fake.send_text(chat, 42, "code")
             await fake.wait_until(lambda: any("print(" in m.text for m in fake.messages(chat)))
@@ -385,7 +382,7 @@ async def test_a_whole_run_logs_no_token(make_app, tmp_path):
 
 
 async def test_the_real_process_serves_telegram_and_stops_cleanly_on_sigterm(tmp_path, tiny_chat_model, tiny_bajie_model):
-    """`python -m bot` with only the token (and the fake's URL) set: it answers, SIGTERM lets
+    """`python -m launcher` with only the token (and the fake's URL) set: it answers, SIGTERM lets
     the answer in flight finish, the exit is clean, and neither its log nor stderr has the token."""
     import os
     import signal
@@ -402,7 +399,7 @@ async def test_the_real_process_serves_telegram_and_stops_cleanly_on_sigterm(tmp
             "DATA_DIR": str(tmp_path / "data"), "LOG_LEVEL": "DEBUG",
         }
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", cwd=tmp_path, env=env,
+            sys.executable, "-m", "launcher", cwd=tmp_path, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         try:

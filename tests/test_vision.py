@@ -13,8 +13,8 @@ from PIL import Image
 
 from bot.i18n import t
 from bot.messages import ImageAttachment, Incoming
-from bot.vision_feature import XCOMPOSER_SYSTEM_PROMPT, ImageMemory
-from bot.images import PreparedImage
+from bot.vision_feature import XCOMPOSER_SYSTEM_PROMPT
+from bot.images import ImageMemory, PreparedImage
 from tests import tiny_vlm
 from tests.surfaces import RecordingSurface
 from tests.test_images import animated_gif, bomb_png, encode

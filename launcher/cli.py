@@ -8,15 +8,18 @@ import logging
 import signal
 import sys
 
-from .app import App, role_specs
-from .config import ROLES, ConfigError, Settings, load_settings
-from .logs import setup_logging
+from bot.app import role_specs
+from bot.config import ROLES, ConfigError, Settings, load_settings
+from bot.logs import setup_logging
+from bot.platforms import PLATFORMS, platform_names
+
+from .compose import build_app, create_adapters
 
 log = logging.getLogger("bot")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bot", description="InternLM chat bot for Telegram, Discord and the console.")
+    parser = argparse.ArgumentParser(prog="python -m launcher", description="InternLM chat bot for Telegram, Discord and the console.")
     parser.add_argument(
         "mode", nargs="?", default="run", choices=("run", "console", "check"),
         help="run: every adapter with a token (the console when none); console: local chat; check: show configuration",
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return check(settings)
     platforms = [] if args.mode == "console" else platform_names(settings)
     setup_logging(settings, quiet_stderr=not platforms)
-    from .status_server import ServerStartError
+    from bot.status_server import ServerStartError
 
     try:
         asyncio.run(serve(settings, platforms))
@@ -43,27 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def platform_names(settings: Settings) -> list[str]:
-    names = []
-    if settings.telegram_bot_token.get_secret_value():
-        names.append("telegram")
-    if settings.discord_bot_token.get_secret_value():
-        names.append("discord")
-    return names
-
-
-def build_app(settings: Settings) -> App:
-    from .features import install_features
-
-    app = App(settings)
-    install_features(app)
-    return app
-
-
 async def serve(settings: Settings, platforms: list[str]) -> None:
     """Run the adapters until SIGTERM/SIGINT (or end of console input)."""
-    from adapters.registry import create_adapters
-
     app = build_app(settings)
     try:
         status = await start_status_server(app, settings) if platforms else None  # not for the local console
@@ -91,9 +75,9 @@ async def serve(settings: Settings, platforms: list[str]) -> None:
                 log.error("adapter %s stopped: %r", task.get_name(), task.exception())
                 app.health.adapter(task.get_name(), "failed", str(task.exception())[:200])
         stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=settings.shutdown_grace + 30)
     except asyncio.TimeoutError:
-        log.warning("adapters did not stop within 30 s")
+        log.warning("adapters did not stop in time")
     finally:
         stopper.cancel()
         for task in tasks:
@@ -104,11 +88,11 @@ async def serve(settings: Settings, platforms: list[str]) -> None:
         log.info("stopped")
 
 
-async def start_status_server(app: App, settings: Settings):
+async def start_status_server(app, settings: Settings):
     """Metrics, health and the status page, unless METRICS_PORT is empty."""
     if settings.metrics_port is None:
         return None
-    from .status_server import StatusServer
+    from bot.status_server import StatusServer
 
     server = StatusServer(app, settings.metrics_host, settings.metrics_port, settings.status_token.get_secret_value())
     return await server.start()
@@ -121,7 +105,7 @@ def check(settings: Settings) -> int:
 
     print(f"configuration: OK (data in {settings.data_dir.resolve()})")
     platforms = platform_names(settings)
-    for name in ("telegram", "discord"):
+    for name in (p.name for p in PLATFORMS):
         print(f"adapter {name}: {'configured' if name in platforms else 'not configured (no token)'}")
     print(f"adapter console: {'not used (a platform token is set)' if platforms else 'used (no platform token)'}")
     problems = 0
