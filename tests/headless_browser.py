@@ -1,6 +1,9 @@
 """A real headless Chromium (Debian's `chromium`, installed by `make test`) driven through the
 DevTools protocol over a WebSocket (aiohttp), for tests that must see a page as a browser
 renders it: its DOM after scripts ran, every request it made, and a screenshot.
+
+Waits have no deadline of their own (like tests/waiting.py): on a busy machine they take longer,
+and a browser that really hangs is ended by pytest-timeout.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class Browser:
             chromium_path(), *FLAGS, f"--user-data-dir={self.profile.name}", "--window-size=1280,900", "about:blank",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )
-        endpoint = await asyncio.wait_for(self._devtools_url(), timeout=60)
+        endpoint = await self._devtools_url()
         port = int(re.search(r":(\d+)/", endpoint).group(1))
         self._session = aiohttp.ClientSession()
         async with self._session.get(f"http://127.0.0.1:{port}/json/list") as response:
@@ -117,7 +120,7 @@ class Browser:
         future = asyncio.get_running_loop().create_future()
         self._pending[self._next_id] = future
         await self._ws.send_str(json.dumps({"id": self._next_id, "method": method, "params": params}))
-        return await asyncio.wait_for(future, timeout=60)
+        return await future
 
     def event(self, method: str) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
@@ -127,7 +130,7 @@ class Browser:
     async def open(self, url: str) -> None:
         loaded = self.event("Page.loadEventFired")
         await self.send("Page.navigate", url=url)
-        await asyncio.wait_for(loaded, timeout=60)
+        await loaded
 
     async def evaluate(self, expression: str) -> Any:
         result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
@@ -135,14 +138,11 @@ class Browser:
             raise AssertionError(f"page script failed: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    async def wait_for(self, expression: str, timeout: float = 60.0) -> Any:
+    async def wait_for(self, expression: str) -> Any:
         """Until `expression` is truthy in the page (scripts update it as events arrive)."""
-        async def poll() -> Any:
-            while not (value := await self.evaluate(expression)):
-                await asyncio.sleep(0.1)
-            return value
-
-        return await asyncio.wait_for(poll(), timeout)
+        while not (value := await self.evaluate(expression)):
+            await asyncio.sleep(0.05)
+        return value
 
     async def screenshot(self, path: Path, width: int = 1280) -> None:
         height = await self.evaluate("Math.ceil(document.documentElement.scrollHeight)")
