@@ -14,6 +14,7 @@ details only with it. Settings refuse a non-loopback host without a token.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/healthz", "/readyz")
+SAMPLE_EVERY = 5.0  # seconds between samples of the models' queues and counters for the charts
 
 
 class ServerStartError(RuntimeError):
@@ -46,6 +48,7 @@ class StatusServer:
         self.token = token
         self.started = time.time()
         self._runner: web.AppRunner | None = None
+        self._sampler: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> "StatusServer":
@@ -68,9 +71,20 @@ class StatusServer:
                                "set METRICS_PORT to a free port, or leave it empty to turn the server off") from None
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("status page and metrics on http://%s:%d/", self.host, self.port)
+        self._sampler = asyncio.create_task(self._sample())
         return self
 
+    async def _sample(self) -> None:
+        """Queue peaks and token counts for the charts also while nobody has the page open."""
+        while True:
+            self.app.metrics.sample_models()
+            await asyncio.sleep(SAMPLE_EVERY)
+
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+            self._sampler = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -336,3 +336,26 @@ async def test_sandbox_runs_and_picture_intake_are_counted_by_outcome(make_app):
     assert value(samples, "internlm_bot_sandbox_run_seconds_sum", outcome="timeout") >= 1.0  # the CPU limit
     assert value(samples, "internlm_bot_image_intake_total", outcome="not_image") == 1
     assert value(samples, "internlm_bot_image_intake_total", outcome="ok") == 1
+
+
+async def test_queue_length_shows_while_a_second_user_waits_for_the_model(make_app):
+    async with FakeTelegram(TOKEN) as fake:
+        app = make_app(**telegram_settings(fake), max_new_tokens=1800)  # a long answer holds the model
+        model, label = app.hub.get("chat"), label_of(app, "chat")
+        async with status_server(app) as base, aiohttp.ClientSession() as http, running_bot(app):
+            first, second = fake.private_chat(42), fake.private_chat(43)
+            fake.send_text(first, 42, "code")
+            await fake.wait_until(lambda: model.scheduler.active == 1)
+            fake.send_text(second, 43, "code")
+            await fake.wait_until(lambda: model.scheduler.waiting == 1)
+            samples = await scrape(http, base)
+            async with http.get(base + "/api/status") as r:
+                status = await r.json()
+            fake.send_text(first, 42, "/stop")  # then the second answer runs; stop it too
+            await fake.wait_until(lambda: model.scheduler.waiting == 0 and any("print(" in t for t in fake.texts(second)))
+            fake.send_text(second, 43, "/stop")
+            await fake.wait_until(lambda: model.scheduler.active == 0)
+    assert value(samples, "internlm_bot_model_queue_length", model=label) == 1
+    assert value(samples, "internlm_bot_model_streams_in_flight", model=label) == 1
+    assert status["series"]["queue"][label][-1] == 1  # the chart's peak for this minute
+    assert next(m for m in status["models"] if m["model"] == label)["queue"] == 1
