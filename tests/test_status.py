@@ -359,3 +359,5 @@ async def test_queue_length_shows_while_a_second_user_waits_for_the_model(make_a
     assert value(samples, "internlm_bot_model_streams_in_flight", model=label) == 1
     assert status["series"]["queue"][label][-1] == 1  # the chart's peak for this minute
     assert next(m for m in status["models"] if m["model"] == label)["queue"] == 1
+    stopped = {"platform": "telegram", "persona": "internlm", "outcome": "stopped"}
+    assert app.metrics.registry.get_sample_value("internlm_bot_requests_total", stopped) == 2
