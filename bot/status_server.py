@@ -107,6 +107,7 @@ class StatusServer:
         response = await handler(request)
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")  # a ?token= never leaves in a Referer
         return response
 
     # -- handlers ----------------------------------------------------------------------
