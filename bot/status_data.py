@@ -24,23 +24,29 @@ def _without_credentials(url: str) -> str | None:
     return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.username else url
 
 
-def configuration(app: "App") -> dict:
+def configuration(app: "App") -> list[list]:
+    """(setting, value) pairs as the operator wrote them in .env; never a secret."""
+    from .platforms import platform_names
+
     s = app.settings
-    return {
-        "roles": {
-            role: {"model": spec.model, "backend": spec.backend, "server": _without_credentials(spec.base_url)}
-            for role, spec in app.hub.specs.items()
-        },
-        "device": s.device,
-        "dtype": s.dtype,
-        "max_concurrent_generations": s.max_concurrent_generations,
-        "max_context_tokens": s.max_context_tokens,
-        "max_new_tokens": s.max_new_tokens,
-        "rate_limit": f"{s.rate_limit_messages} / {s.rate_limit_per_minute:g} per min",
-        "agent_rate_limit": f"{s.agent_rate_limit_messages} / {s.agent_rate_limit_per_minute:g} per min",
-        "personas": sorted(app.personas),
-        "metrics": f"{s.metrics_host}:{s.metrics_port}",
-    }
+    rows: list[list] = []
+    for role, spec in app.hub.specs.items():
+        server = _without_credentials(spec.base_url)
+        rows.append([f"{role.upper()}_MODEL", f"{spec.model} ({spec.backend}{', ' + server if server else ''})"])
+    rows += [
+        ["platforms", ", ".join(platform_names(s)) or "console"],
+        ["DEVICE / DTYPE", f"{s.device} / {s.dtype}"],
+        ["MAX_CONCURRENT_GENERATIONS", s.max_concurrent_generations],
+        ["OPENAI_MAX_CONCURRENT", s.openai_max_concurrent],
+        ["MAX_CONTEXT_TOKENS", s.max_context_tokens],
+        ["MAX_NEW_TOKENS", s.max_new_tokens],
+        ["RATE_LIMIT_MESSAGES / _PER_MINUTE", f"{s.rate_limit_messages} / {s.rate_limit_per_minute:g}"],
+        ["AGENT_RATE_LIMIT_MESSAGES / _PER_MINUTE", f"{s.agent_rate_limit_messages} / {s.agent_rate_limit_per_minute:g}"],
+        ["AGENT_TOOLS", s.agent_tools],
+        ["personas", ", ".join(sorted(app.personas))],
+        ["METRICS_HOST:METRICS_PORT", f"{s.metrics_host}:{s.metrics_port}"],
+    ]
+    return rows
 
 
 def models(app: "App") -> list[dict]:

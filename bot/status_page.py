@@ -59,6 +59,9 @@ TEXTS = {
     "status_state_loading": {"en": "loading", "zh": "加载中"},
     "status_state_ready": {"en": "ready", "zh": "就绪"},
     "status_language": {"en": "中文", "zh": "English"},
+    "status_hours": {"en": "h", "zh": "小时"},
+    "status_minutes": {"en": "min", "zh": "分"},
+    "status_seconds": {"en": "s", "zh": "秒"},
 }
 register(TEXTS)
 

@@ -177,6 +177,9 @@ async def test_status_page_in_headless_chromium_shows_the_conversation_live(make
             assert page["usage"] == [["telegram:42", "1"], ["telegram:43", "1"]] or page["usage"] == [["telegram:43", "1"], ["telegram:42", "1"]]
             assert ["telegram", "connected"] in page["adapters"]
             assert "ready" in page["models"][0]
+            config = dict(page["config"])
+            assert config["CHAT_MODEL"].startswith(app.settings.chat_model) and config["platforms"] == "telegram"
+            assert TOKEN not in page["html"] and TOKEN.split(":")[1] not in page["html"]  # no secret on the page
             if screenshot.name:
                 await browser.screenshot(screenshot)
             # live: a new answer reaches the open page without a reload
@@ -205,7 +208,8 @@ PAGE_FIGURES = """(() => {
     title: document.querySelector('h1').textContent,
     answers: total('answers'), rate_limited: total('429'), tokens: dots('tokens'), first_text: dots('first-text'),
     usage: rows('usage').map(r => r.slice(0, 2)), adapters: rows('adapters').map(r => r.slice(0, 2)),
-    models: rows('models').map(r => r.join(' ')),
+    models: rows('models').map(r => r.join(' ')), config: rows('config'),
+    html: document.documentElement.outerHTML,
   };
 })()"""
 

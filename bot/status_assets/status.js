@@ -24,7 +24,7 @@
   }
   function duration(s) {
     var h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60);
-    return h ? h + " h " + m + " min" : m + " min " + Math.floor(s % 60) + " s";
+    return h ? h + " " + T.hours + " " + m + " " + T.minutes : m + " " + T.minutes + " " + Math.floor(s % 60) + " " + T.seconds;
   }
   function stateText(state) { return T["state_" + state] || state; }
   function pill(state) { return el("span", {"class": "pill state-" + state.replace(" ", "-")}, stateText(state)); }
@@ -126,13 +126,7 @@
       {key: "col_tokens", num: true, get: function (u) { return u.tokens; }},
       {key: "col_agent_runs", num: true, get: function (u) { return u.agent_runs; }}
     ], s.usage, T.no_users);
-    var config = [];
-    Object.keys(s.config.roles).forEach(function (role) {
-      var r = s.config.roles[role];
-      config.push([role, r.model + " (" + r.backend + (r.server ? ", " + r.server : "") + ")"]);
-    });
-    Object.keys(s.config).forEach(function (k) { if (k !== "roles") config.push([k, Array.isArray(s.config[k]) ? s.config[k].join(", ") : s.config[k]]); });
-    table("config", [{key: "col_setting", get: function (r) { return r[0]; }}, {key: "col_value", get: function (r) { return r[1]; }}], config);
+    table("config", [{key: "col_setting", get: function (r) { return r[0]; }}, {key: "col_value", get: function (r) { return r[1]; }}], s.config);
     document.body.setAttribute("data-rendered", String(s.now));
   }
 
