@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run console check test bench system-deps test-deps screenshot install clean
+.PHONY: run console check test bench system-deps test-deps screenshot install gpu clean
 
 run: install system-deps
 	$(PY) -m launcher
@@ -49,6 +49,12 @@ test-deps:
 # The README's screenshot of the status page, taken by the status page test's browser.
 screenshot: install test-deps
 	STATUS_SCREENSHOT=docs/status-page.png $(PY) -m pytest -q tests/test_status.py -k chromium
+
+# GPU hosts: torchvision (XComposer2's code imports it), the CUDA build matched to torch 2.13.0.
+# Refused on a CPU-only torch, next to which PyPI's torchvision breaks every transformers import.
+gpu: install
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 'error: this torch is a CPU build; PyPI torchvision would break it (README: GPU notes)')"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[gpu,test]'
 
 bench: install
 	$(PY) bench/streaming.py
