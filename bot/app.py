@@ -312,7 +312,7 @@ class App:
             status, suffix = "failed", t(exc.user_message_key, lang)
         except asyncio.CancelledError:  # shutdown: mark what was shown as stopped, then go
             status = "stopped"
-            stream.feed(("\n\n" if stream.text else "") + t("stopped_mark", lang))
+            stream.feed(("\n\n" if stream.text.strip() else "") + t("stopped_mark", lang))
             raise
         except Exception:
             log.exception("%s failed for %s", persona.name, tenant)
@@ -326,5 +326,5 @@ class App:
                 tenant, persona.name, status, turn.stats.prompt_tokens, turn.stats.completion_tokens,
             )
         if suffix:
-            stream.feed(("\n\n" if stream.text else "") + suffix)
+            stream.feed(("\n\n" if stream.text.strip() else "") + suffix)
         await stream.finish(empty_text=t("empty_answer", lang))

@@ -118,9 +118,12 @@ class ReplyStream:
 
     # -- writing -------------------------------------------------------------------------
     def _body(self) -> str:
-        if not self.text:
+        # Platforms reject whitespace-only messages ("message text is empty"): until the answer
+        # has visible text, show the status; a whitespace-only remainder is not written.
+        if not self.text.strip():
             return self.status
-        return self._prefix + self.text[self._base :]
+        body = self._prefix + self.text[self._base :]
+        return body if body.strip() else ""
 
     async def _put(self, message: _Message, text: str, phase: Phase) -> None:
         if message.shown == text and phase == "streaming":
@@ -154,7 +157,7 @@ class ReplyStream:
                 return
             await self._pause()
         if body:
-            await self._put(self.current, body, phase if self.text or phase == "done" else "status")
+            await self._put(self.current, body, phase if self.text.strip() or phase == "done" else "status")
 
     async def _pause(self) -> None:
         wait = self._next_write - self.clock()
@@ -180,7 +183,7 @@ class ReplyStream:
                     pass
                 except Exception:
                     log.exception("stream task failed")
-        if not self.text:
+        if not self.text.strip():  # nothing visible: say so instead of leaving a placeholder
             self.status = empty_text
         for attempt in range(FINAL_ATTEMPTS):
             await self._pause()
