@@ -23,7 +23,8 @@ from .limits import TokenBucket, clean_text
 from .messages import Incoming, ReplySurface
 from .personas import DEFAULT_PERSONA, Persona, build_personas
 from .responders import ChatResponder, Responder, Turn
-from .store import VISIBLE, HistoryStore
+from .saving import ExchangeRecord, report
+from .store import VISIBLE, HistoryStore, StorageError
 from .streaming import ReplyStream
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,13 @@ class App:
         name = self.store.persona(key, DEFAULT_PERSONA)
         return self.personas.get(name) or self.personas[DEFAULT_PERSONA]
 
+    def set_persona(self, key: str, name: str) -> None:
+        """Make `name` the session's persona; on a full disk the switch is not kept, the answer goes on."""
+        try:
+            self.store.set_persona(key, name)
+        except StorageError as exc:
+            report(exc)
+
     def commands(self) -> list[tuple[str, str]]:
         """(command, description key) for platform menus."""
         return [(name, f"cmd_{name}") for name in MENU]
@@ -135,6 +143,9 @@ class App:
                 await self.ask(msg, surface, self.current_persona(self.session_key(msg)), args, lang)
             else:
                 await self._command(msg, surface, command, args, lang)
+        except StorageError as exc:  # a command that writes (/chat, /reset) on a full disk
+            report(exc)
+            await self._notice(surface, t("storage_failed", lang))
         except Exception:
             log.exception("handling a %s message failed", msg.platform)
             await self._notice(surface, t("internal_error", lang))
@@ -190,7 +201,7 @@ class App:
             if not self.access.allows_role(msg, persona.role):
                 await self._refuse_persona(msg, surface, persona, lang)
                 return
-            self.store.set_persona(key, persona.name)
+            self.set_persona(key, persona.name)
             if args.strip():
                 await self.ask(msg, surface, persona, args, lang)
             else:
@@ -236,7 +247,12 @@ class App:
         async with self.session(key).lock:
             last = next((m for m in reversed(self.store.history(key, persona.name)) if m.role == "user"), None)
             if last is not None:
-                self.store.delete_from(key, persona.name, last.id)
+                try:
+                    self.store.delete_from(key, persona.name, last.id)
+                except StorageError as exc:
+                    report(exc)
+                    await self._notice(surface, t("storage_failed", lang))
+                    return
         if last is None:
             await self._notice(surface, t("regenerate_nothing", lang))
         else:
@@ -283,8 +299,8 @@ class App:
             for m in self.store.history(key, persona.name)
             if m.status in VISIBLE and m.content
         ]
-        self.store.add(key, persona.name, "user", text, attachment=attachment)
-        answer_id = self.store.add(key, persona.name, "assistant", "", status="streaming")
+        record = ExchangeRecord(self.store, key, persona.name)
+        record.begin(text, attachment)
         cancel = session.cancel = Cancel()
 
         def on_wait(kind: str, n: int) -> None:
@@ -304,7 +320,7 @@ class App:
                     stream.feed(delta)
                     if self.clock() - saved_at >= SAVE_EVERY:
                         saved_at = self.clock()
-                        self.store.update(answer_id, stream.text)
+                        record.update(stream.text)
             if cancel.is_set:
                 status, suffix = "stopped", t("stopped_mark", lang)
         except ModelError as exc:
@@ -320,11 +336,13 @@ class App:
         finally:
             session.cancel = None
             answer = turn.stored_answer if turn.stored_answer is not None else stream.text
-            self.store.update(answer_id, answer, status)
+            record.update(answer, status)
             log.info(
                 "answered %s as %s: %s, %d prompt + %d answer tokens",
                 tenant, persona.name, status, turn.stats.prompt_tokens, turn.stats.completion_tokens,
             )
+        if not record.saved:
+            suffix = (suffix + "\n\n" if suffix else "") + t("not_saved", lang)
         if suffix:
             stream.feed(("\n\n" if stream.text.strip() else "") + suffix)
         await stream.finish(empty_text=t("empty_answer", lang))

@@ -10,7 +10,9 @@ import sys
 
 from .app import App, role_specs
 from .config import ROLES, ConfigError, Settings, load_settings
+from .datadir import DataDirError, cause, claim
 from .logs import setup_logging
+from .store import HistoryStore
 
 log = logging.getLogger("bot")
 
@@ -30,12 +32,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "check":
         return check(settings)
     platforms = [] if args.mode == "console" else platform_names(settings)
-    setup_logging(settings, quiet_stderr=not platforms)
+    try:  # one process per DATA_DIR, and one that takes writes; else one line, no traceback
+        lock = claim(settings.data_dir)
+        setup_logging(settings, quiet_stderr=not platforms)
+        store = open_store(settings)
+    except DataDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
-        asyncio.run(serve(settings, platforms))
+        asyncio.run(serve(settings, platforms, store))
     except KeyboardInterrupt:
         pass
+    finally:
+        lock.release()
     return 0
+
+
+def open_store(settings: Settings) -> HistoryStore:
+    try:
+        return HistoryStore(settings.db_path)
+    except Exception as exc:  # sqlite3 errors and OSError: full, read-only, corrupt
+        raise DataDirError(f"DATA_DIR {settings.data_dir.resolve()}: cannot open {settings.db_path.name}: {cause(exc)}") from None
 
 
 def platform_names(settings: Settings) -> list[str]:
@@ -47,19 +64,19 @@ def platform_names(settings: Settings) -> list[str]:
     return names
 
 
-def build_app(settings: Settings) -> App:
+def build_app(settings: Settings, store: HistoryStore | None = None) -> App:
     from .features import install_features
 
-    app = App(settings)
+    app = App(settings, store=store)
     install_features(app)
     return app
 
 
-async def serve(settings: Settings, platforms: list[str]) -> None:
+async def serve(settings: Settings, platforms: list[str], store: HistoryStore | None = None) -> None:
     """Run the adapters until SIGTERM/SIGINT (or end of console input)."""
     from adapters.registry import create_adapters
 
-    app = build_app(settings)
+    app = build_app(settings, store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM,) if not platforms else (signal.SIGTERM, signal.SIGINT)

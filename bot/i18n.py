@@ -97,6 +97,15 @@ TEXTS: dict[str, dict[str, str]] = {
         "zh": "⚠️ 暂时无法连接模型服务器，请稍后再试。",
     },
     "internal_error": {"en": "⚠️ Something went wrong. Please try again.", "zh": "⚠️ 出了点问题，请重试。"},
+    # --- storage problems (disk full or read-only) ------------------------------------
+    "not_saved": {
+        "en": "⚠️ This answer could not be saved (the bot's storage is full or read-only), so the bot will not remember it.",
+        "zh": "⚠️ 这条回答未能保存（机器人的存储空间已满或只读），之后的对话不会记得它。",
+    },
+    "storage_failed": {
+        "en": "⚠️ That could not be saved: the bot's storage is full or read-only. Please tell the bot's operator.",
+        "zh": "⚠️ 未能保存：机器人的存储空间已满或只读，请告知机器人的管理员。",
+    },
 }
 
 

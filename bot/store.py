@@ -7,10 +7,12 @@ at start-up were cut by a crash and become "interrupted"; their text so far is k
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -33,6 +35,24 @@ CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session, persona, id
 
 # Answers shown to the model again: a stopped or crash-cut answer is still what the user saw.
 VISIBLE = ("ok", "stopped", "interrupted")
+
+
+class StorageError(Exception):
+    """A write to the history failed (disk full, read-only, I/O error); the message says why."""
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def _write(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,7 @@ class HistoryStore:
         row = self.db.execute("SELECT persona FROM sessions WHERE key=?", (session,)).fetchone()
         return row[0] if row else default
 
+    @_write
     def set_persona(self, session: str, persona: str) -> None:
         self.db.execute(
             "INSERT INTO sessions (key, persona, updated) VALUES (?, ?, ?) "
@@ -74,6 +95,7 @@ class HistoryStore:
         )
 
     # -- messages ----------------------------------------------------------------------
+    @_write
     def add(self, session: str, persona: str, role: str, content: str, *, status: str = "ok", attachment: str | None = None) -> int:
         cur = self.db.execute(
             "INSERT INTO messages (session, persona, role, content, status, attachment, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -81,6 +103,7 @@ class HistoryStore:
         )
         return int(cur.lastrowid)
 
+    @_write
     def update(self, message_id: int, content: str, status: str | None = None) -> None:
         if status is None:
             self.db.execute("UPDATE messages SET content=? WHERE id=?", (content, message_id))
@@ -94,9 +117,11 @@ class HistoryStore:
         ).fetchall()
         return [StoredMessage(*row) for row in rows]
 
+    @_write
     def delete_from(self, session: str, persona: str, message_id: int) -> None:
         """Forget a message and everything after it (regenerate)."""
         self.db.execute("DELETE FROM messages WHERE session=? AND persona=? AND id>=?", (session, persona, message_id))
 
+    @_write
     def reset(self, session: str, persona: str) -> int:
         return self.db.execute("DELETE FROM messages WHERE session=? AND persona=?", (session, persona)).rowcount

@@ -214,7 +214,7 @@ class ImageHandler:
         if msg.image is None:  # /image without a picture: switch, and ask if a picture is there
             if app.current_persona(key).name != VISION:
                 self.memory.forget(key)  # coming back from another persona starts afresh
-            app.store.set_persona(key, VISION)
+            app.set_persona(key, VISION)
             if args.strip() and self.memory.get(key) is not None:
                 await app.ask(msg, surface, persona, args, lang)
             else:
@@ -239,7 +239,7 @@ class ImageHandler:
         )
         token = uuid.uuid4().hex[:12]
         self.memory.put(key, token, picture)
-        app.store.set_persona(key, VISION)
+        app.set_persona(key, VISION)
         question = args.strip() or t("image_describe_question", lang)
         await app.ask(
             msg, surface, persona, question, lang, attachment=f"{MARKER}{token} {picture.describe()}", image=picture.image
