@@ -23,7 +23,7 @@ import discord
 from bot.app import App
 from bot.config import Settings
 from bot.i18n import t
-from bot.messages import ImageAttachment, Incoming
+from bot.messages import AdapterCannotRun, ImageAttachment, Incoming
 
 from .discord_commands import I18nTranslator, build_tree, sync_commands
 from .discord_surface import InteractionSurface, MessageSurface, OwnedButton
@@ -101,8 +101,9 @@ class DiscordAdapter:
             except asyncio.CancelledError:
                 pass
             except discord.PrivilegedIntentsRequired:
-                log.error("Discord refused the requested intents")
-                raise
+                raise AdapterCannotRun("Discord refused the requested intents") from None
+        if not stop.is_set():  # the gateway ended by itself: the supervisor starts a fresh adapter
+            raise ConnectionError("the Discord gateway connection ended")
 
     async def _login(self, token: str, stop: asyncio.Event) -> bool:
         """Log in, retrying while Discord cannot be reached; a rejected token is fatal."""
@@ -112,9 +113,8 @@ class DiscordAdapter:
                 await self.client.login(token)
                 return True
             except discord.LoginFailure:
-                log.error("Discord rejected DISCORD_BOT_TOKEN (401); check the token in the developer portal")
                 await self.client.close()
-                raise
+                raise AdapterCannotRun("Discord rejected DISCORD_BOT_TOKEN (401); check the token in the developer portal") from None
             except (OSError, aiohttp.ClientError, discord.DiscordServerError, asyncio.TimeoutError) as exc:
                 log.warning("cannot reach Discord to log in (%s); retrying in %.0f s", type(exc).__name__, delay)
                 try:

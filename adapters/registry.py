@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Callable, Protocol
 
 from bot.app import App
 from bot.config import Settings
@@ -16,18 +16,23 @@ class Adapter(Protocol):
         """Serve until `stop` is set (or, for the console, end of input)."""
 
 
-def create_adapters(app: App, settings: Settings, platforms: list[str]) -> list[Adapter]:
-    adapters: list[Adapter] = []
+def adapter_factories(app: App, settings: Settings, platforms: list[str]) -> list[tuple[str, Callable[[], Adapter]]]:
+    """(name, factory) per adapter to run: a dead adapter is replaced by a fresh one."""
+    factories: list[tuple[str, Callable[[], Adapter]]] = []
     if "telegram" in platforms:
         from .telegram import TelegramAdapter
 
-        adapters.append(TelegramAdapter(app, settings))
+        factories.append(("telegram", lambda: TelegramAdapter(app, settings)))
     if "discord" in platforms:
         from .discord_bot import DiscordAdapter
 
-        adapters.append(DiscordAdapter(app, settings))
-    if not adapters:
+        factories.append(("discord", lambda: DiscordAdapter(app, settings)))
+    if not factories:
         from .console import ConsoleAdapter
 
-        adapters.append(ConsoleAdapter(app))
-    return adapters
+        factories.append(("console", lambda: ConsoleAdapter(app)))
+    return factories
+
+
+def create_adapters(app: App, settings: Settings, platforms: list[str]) -> list[Adapter]:
+    return [make() for _, make in adapter_factories(app, settings, platforms)]

@@ -12,7 +12,9 @@ from .app import App, role_specs
 from .config import ROLES, ConfigError, Settings, load_settings
 from .datadir import DataDirError, cause, claim
 from .logs import setup_logging
+from .messages import AdapterCannotRun
 from .store import HistoryStore
+from .supervisor import supervise
 
 log = logging.getLogger("bot")
 
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(settings, platforms, store))
     except KeyboardInterrupt:
         pass
+    except AdapterCannotRun as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         lock.release()
     return 0
@@ -72,12 +77,16 @@ def build_app(settings: Settings, store: HistoryStore | None = None) -> App:
     return app
 
 
-async def serve(settings: Settings, platforms: list[str], store: HistoryStore | None = None) -> None:
-    """Run the adapters until SIGTERM/SIGINT (or end of console input)."""
-    from adapters.registry import create_adapters
+async def serve(
+    settings: Settings, platforms: list[str], store: HistoryStore | None = None, *,
+    app: App | None = None, stop: asyncio.Event | None = None,
+) -> None:
+    """Run the adapters until SIGTERM/SIGINT (or end of console input). A dead adapter is
+    restarted while the others serve; `AdapterCannotRun` at start ends the process."""
+    from adapters.registry import adapter_factories
 
-    app = build_app(settings, store)
-    stop = asyncio.Event()
+    app = app or build_app(settings, store)
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM,) if not platforms else (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
@@ -85,15 +94,14 @@ async def serve(settings: Settings, platforms: list[str], store: HistoryStore | 
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    adapters = create_adapters(app, settings, platforms)
-    log.info("starting %s", ", ".join(a.name for a in adapters))
-    tasks = [asyncio.create_task(a.run(stop), name=a.name) for a in adapters]
+    factories = adapter_factories(app, settings, platforms)
+    log.info("starting %s", ", ".join(name for name, _ in factories))
+    tasks = [asyncio.create_task(supervise(name, make, stop), name=name) for name, make in factories]
     stopper = asyncio.create_task(stop.wait())
+    failure: BaseException | None = None
     try:
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not stopper and task.exception():
-                log.error("adapter %s stopped: %r", task.get_name(), task.exception())
+        failure = next((t.exception() for t in done if t is not stopper and t.exception()), None)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
     except asyncio.TimeoutError:
@@ -102,8 +110,15 @@ async def serve(settings: Settings, platforms: list[str], store: HistoryStore | 
         stopper.cancel()
         for task in tasks:
             task.cancel()
+        for sig in signals:
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
         app.store.close()
         log.info("stopped")
+    if failure is not None:
+        raise failure
 
 
 def check(settings: Settings) -> int:

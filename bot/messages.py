@@ -91,3 +91,8 @@ class ReplySurface(Protocol):
 
     async def typing(self) -> None:
         """Show "typing…"; called about every 4.5 s until the first text is visible."""
+
+
+class AdapterCannotRun(RuntimeError):
+    """An adapter can never run with this configuration (e.g. the platform rejected the token).
+    Raised from `run`; the message is one line for the operator. Not retried at start."""

@@ -3,6 +3,8 @@ adapter restarts, crash recovery on the platforms, buttons under older answers."
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from bot.i18n import t
@@ -110,3 +112,48 @@ async def test_disk_filling_up_while_running_delivers_answers_says_unsaved_and_l
     assert "Traceback" not in err and "Logging error" not in err, err
     assert err.count("history not saved") == 1, err  # once a minute, not once per failed write
     assert err.count("cannot write") <= 1, err
+
+
+# -- 10: an adapter that dies is restarted; the others keep serving -----------------------------
+
+
+async def test_discord_adapter_killed_by_a_malformed_event_restarts_while_telegram_serves(make_app, caplog):
+    from bot.cli import serve
+    from tests.discord_harness import REGENERATE, answer_text, until_done
+    from tests.fake_discord import FakeDiscord, patched
+
+    async with FakeTelegram(TOKEN) as telegram, FakeDiscord() as discord:
+        app = make_app(**telegram_settings(telegram), discord_bot_token=discord.token)
+        stop = asyncio.Event()
+        with patched(discord):
+            serving = asyncio.create_task(serve(app.settings, ["telegram", "discord"], app=app, stop=stop))
+            chat = telegram.private_chat(42)
+            telegram.send_text(chat, 42, "ping")
+            await telegram.wait_until(lambda: "pong" in telegram.texts(chat))
+            await discord.wait_for(lambda: discord.identified, 60, "the Discord adapter to connect")
+            interaction = await discord.slash("chat", discord.alice, prompt="ping")
+            (answer,) = await until_done(discord, interaction)
+            regen = next(c for c in answer.custom_ids if c.startswith(REGENERATE))
+            # discord.py raises KeyError on an interaction without attachment_size_limit
+            await discord.press(answer, regen, discord.alice, omit=("attachment_size_limit",))
+            await discord.wait_for(lambda: "discord adapter died (KeyError" in caplog.text, 60, "the adapter to die")
+            telegram.send_text(chat, 42, "/bajie ping")  # Telegram is served meanwhile
+            await telegram.wait_until(lambda: "俺老猪听见了：pong" in telegram.texts(chat))
+            await discord.wait_for(lambda: len(discord.identified) == 2, 120, "a fresh Discord adapter")
+            again = await discord.slash("chat", discord.alice, prompt="ping")
+            assert answer_text(await until_done(discord, again)) == "pong"
+            assert not serving.done()  # only SIGTERM/SIGINT ends the process
+            stop.set()
+            await asyncio.wait_for(serving, 60)
+    assert caplog.text.count("discord adapter died") == 1
+
+
+async def test_a_rejected_token_at_start_ends_the_process_with_one_line(tmp_path, tiny_chat_model, tiny_bajie_model):
+    async with FakeTelegram(TOKEN) as telegram:
+        env = bot_env(tmp_path / "data", tiny_chat_model, tiny_bajie_model, TELEGRAM_BOT_TOKEN="654321:WRONG-token-abcdefghijklmnopqrs",
+                      TELEGRAM_API_BASE_URL=telegram.base_url, LOG_LEVEL="WARNING")
+        proc = await start(bot_argv(), env)
+        code, out, err = await finish(proc)
+    assert code == 1, err
+    assert err.strip().splitlines()[-1] == "error: Telegram rejected TELEGRAM_BOT_TOKEN (check it with @BotFather)"
+    assert "Traceback" not in err and "WRONG-token" not in err

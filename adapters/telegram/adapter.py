@@ -24,6 +24,7 @@ from bot.app import App
 from bot.config import Settings
 from bot.i18n import lang_of, t
 from bot.logs import redact
+from bot.messages import AdapterCannotRun
 
 from . import texts  # noqa: F401  (registers the adapter's texts)
 from .handlers import BotIdentity, incoming_from_callback, incoming_from_message
@@ -115,7 +116,8 @@ class TelegramAdapter:
         try:
             await application.initialize()  # getMe
         except InvalidToken:
-            raise RuntimeError("Telegram rejected TELEGRAM_BOT_TOKEN (check it with @BotFather)") from None
+            await application.bot.request.shutdown()  # initialize() left its connection open
+            raise AdapterCannotRun("Telegram rejected TELEGRAM_BOT_TOKEN (check it with @BotFather)") from None
         try:
             bot = application.bot
             self.me = BotIdentity(bot.id, bot.username or "")
