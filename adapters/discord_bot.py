@@ -23,10 +23,10 @@ import discord
 from bot.app import App
 from bot.config import Settings
 from bot.i18n import t
-from bot.messages import AdapterCannotRun, ImageAttachment, Incoming
+from bot.messages import AdapterCannotRun, ImageAttachment, Incoming, MessageGone
 
 from .discord_commands import I18nTranslator, build_tree, sync_commands
-from .discord_surface import InteractionSurface, MessageSurface, OwnedButton
+from .discord_surface import DISCORD_MAX, HEADER_RESERVE, InteractionSurface, MessageSurface, OwnedButton, controls
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class _Client(discord.Client):
 
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s (%s guilds)", self.user, len(self.guilds))
+        self.adapter.on_ready()
 
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
@@ -73,6 +74,7 @@ class DiscordAdapter:
         self.tree = build_tree(self.client, self)
         self._running: dict[asyncio.Task, str] = {}  # answers in flight -> session key
         self._closing = False
+        self._recovery: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -128,6 +130,8 @@ class DiscordAdapter:
     async def _shutdown(self) -> None:
         """Stop the answers in flight (they end with "⏹ stopped"), then close the connection."""
         self._closing = True
+        if self._recovery is not None and not self._recovery.done():
+            self._recovery.cancel()
         deadline = time.monotonic() + SHUTDOWN_GRACE
         while self._running and time.monotonic() < deadline:
             for key in set(self._running.values()):  # again and again: queued answers start meanwhile
@@ -140,6 +144,24 @@ class DiscordAdapter:
             await asyncio.wait(late, timeout=5)
         await self.client.close()
         log.info("Discord adapter stopped")
+
+    # -- after a crash -------------------------------------------------------------------------------
+    def on_ready(self) -> None:
+        if self._recovery is None:  # once per adapter: on_ready comes again after reconnects
+            self._recovery = asyncio.create_task(self.app.recover("discord", self._repair, DISCORD_MAX - HEADER_RESERVE))
+
+    async def _repair(self, ref: dict, text: str, lang: str) -> None:
+        """Edit an answer cut by a crash: the interrupted mark, Regenerate instead of Stop."""
+        content = ref.get("header", "") + text
+        view = controls("regen", int(ref["owner"]), lang)
+        if ref["kind"] == "channel":
+            channel = self.client.get_partial_messageable(int(ref["channel"]))
+            await channel.get_partial_message(int(ref["message"])).edit(content=content, view=view)
+            return
+        if time.time() - float(ref["at"]) >= self.token_lifetime - 30:
+            raise MessageGone("its interaction token has expired (15 minutes)")
+        webhook = discord.Webhook.partial(int(ref["app"]), ref["token"], client=self.client)
+        await webhook.edit_message(ref["message"], content=content, view=view)  # type: ignore[arg-type]
 
     async def _serve(self, incoming: Incoming, work: Any) -> None:
         """Run one answer, tracked for shutdown."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -186,8 +187,19 @@ def _view_kwargs(view: discord.ui.View | None) -> dict[str, Any]:
     return {"view": view} if view is not None else {}
 
 
+def channel_reference(handle: Posted, owner: int) -> dict | None:
+    if handle.message is None:
+        return None
+    return {"kind": "channel", "channel": handle.message.channel.id, "message": handle.message.id,
+            "owner": owner, "header": handle.header}
+
+
 class MessageSurface(_Surface):
     """Answers a mention or DM: reply to the user's message, then edit the reply."""
+
+    def reference(self, handle: Posted) -> dict | None:
+        """Enough to edit this message after a restart (bot/recovery.py)."""
+        return channel_reference(handle, self.owner)
 
     def __init__(self, adapter: "DiscordAdapter", incoming: Incoming, message: discord.Message) -> None:
         super().__init__(adapter, incoming, message.author.id)
@@ -219,6 +231,15 @@ class InteractionSurface(_Surface):
         self.expires_at = received_at + adapter.token_lifetime
         self.original_written = False
         self.token_dead = False
+        self.received_wall = time.time() - (clock() - received_at)  # token age survives a restart
+
+    def reference(self, handle: Posted) -> dict | None:
+        """Enough to edit this message after a restart, while its token lives (bot/recovery.py)."""
+        if handle.kind == "channel":
+            return channel_reference(handle, self.owner)
+        message = "@original" if handle.kind == "original" else str(handle.message.id)
+        return {"kind": handle.kind, "app": self.interaction.application_id, "token": self.interaction.token,
+                "at": self.received_wall, "message": message, "owner": self.owner, "header": handle.header}
 
     def _token_usable(self) -> bool:
         return not self.token_dead and self.clock() < self.switch_at

@@ -23,6 +23,7 @@ from .limits import TokenBucket, clean_text
 from .messages import Incoming, ReplySurface
 from .personas import DEFAULT_PERSONA, Persona, build_personas
 from .responders import ChatResponder, Responder, Turn
+from . import recovery
 from .saving import ExchangeRecord, report
 from .store import VISIBLE, HistoryStore, StorageError
 from .streaming import ReplyStream
@@ -280,18 +281,36 @@ class App:
             return
         key = self.session_key(msg)
         session = self.session(key)
-        stream = ReplyStream(surface).start()
+        record = ExchangeRecord(self.store, key, persona.name)
+        stream = self._open_stream(msg, surface, record, lang)
         if session.lock.locked():
             stream.set_status(t("queued_session", lang))
         try:
             async with session.lock:
-                await self._answer(msg, session, persona, text, lang, stream, attachment, image, tenant)
+                await self._answer(msg, session, persona, text, lang, stream, record, attachment, image, tenant)
         finally:  # also on cancellation (shutdown): close the reply cleanly
             await asyncio.shield(stream.finish(empty_text=t("stopped_mark", lang)))
 
+    def _open_stream(self, msg: Incoming, surface: ReplySurface, record: ExchangeRecord, lang: str) -> ReplyStream:
+        """A ReplyStream whose messages are noted with the answer, to mark them after a crash."""
+        stream = ReplyStream(surface)
+        where = getattr(surface, "reference", None)  # the console has nothing to mark later
+
+        def placed(handle: object, base: int, prefix: str) -> None:
+            message = where(handle) if where is not None else None
+            if message is not None:
+                record.place(recovery.reference(msg.platform, lang, message, base, prefix))
+
+        stream.on_placed = placed
+        return stream.start()
+
+    async def recover(self, platform: str, repair: recovery.Repair, limit: int) -> int:
+        """Called by an adapter once it is up: mark its answers cut by the last crash."""
+        return await recovery.recover(self.store, platform, repair, limit)
+
     async def _answer(
         self, msg: Incoming, session: Session, persona: Persona, text: str, lang: str,
-        stream: ReplyStream, attachment: str | None, image: object, tenant: str,
+        stream: ReplyStream, record: ExchangeRecord, attachment: str | None, image: object, tenant: str,
     ) -> None:
         key = session.key
         history = [
@@ -299,7 +318,6 @@ class App:
             for m in self.store.history(key, persona.name)
             if m.status in VISIBLE and m.content
         ]
-        record = ExchangeRecord(self.store, key, persona.name)
         record.begin(text, attachment)
         cancel = session.cancel = Cancel()
 

@@ -59,6 +59,10 @@ TEXTS: dict[str, dict[str, str]] = {
     "queued_model": {"en": "⏳ In the queue: {n} ahead of you…", "zh": "⏳ 排队中：前面还有 {n} 个请求……"},
     "loading_model": {"en": "⏳ Loading the model, this can take a minute…", "zh": "⏳ 正在加载模型，可能需要一分钟……"},
     "thinking": {"en": "…", "zh": "…"},
+    "interrupted_mark": {
+        "en": "⚠️ interrupted: the bot restarted while answering. Press Regenerate to ask again.",
+        "zh": "⚠️ 已中断：机器人在回答时重启了。可点击“重新生成”再问一次。",
+    },
     "empty_answer": {"en": "(the model gave an empty answer)", "zh": "（模型没有给出回答）"},
     "regenerate_nothing": {"en": "There is nothing to regenerate.", "zh": "没有可以重新生成的回答。"},
     # --- input problems -----------------------------------------------------------

@@ -92,6 +92,10 @@ class ReplySurface(Protocol):
     async def typing(self) -> None:
         """Show "typing…"; called about every 4.5 s until the first text is visible."""
 
+    # Optional: `reference(handle) -> dict | None`, a JSON-able reference to a message this
+    # surface created, stored with the answer so that after a crash the adapter can still edit
+    # it (bot/recovery.py). Surfaces without one (the console) are simply not marked.
+
 
 class AdapterCannotRun(RuntimeError):
     """An adapter can never run with this configuration (e.g. the platform rejected the token).

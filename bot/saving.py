@@ -24,12 +24,25 @@ class ExchangeRecord:
     def __init__(self, store: HistoryStore, session: str, persona: str) -> None:
         self.store, self.session, self.persona = store, session, persona
         self.answer_id: int | None = None
+        self.reference: str | None = None  # where the answer is shown (see bot/recovery.py)
         self.saved = True
 
     def begin(self, question: str, attachment: str | None) -> None:
         try:
             self.store.add(self.session, self.persona, "user", question, attachment=attachment)
-            self.answer_id = self.store.add(self.session, self.persona, "assistant", "", status="streaming")
+            self.answer_id = self.store.add(
+                self.session, self.persona, "assistant", "", status="streaming", reference=self.reference
+            )
+        except StorageError as exc:
+            self._lost(exc)
+
+    def place(self, reference: str) -> None:
+        """The answer is now shown in this platform message (posted before or after `begin`)."""
+        self.reference = reference
+        if self.answer_id is None:
+            return
+        try:
+            self.store.set_reference(self.answer_id, reference)
         except StorageError as exc:
             self._lost(exc)
 

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS messages (
     content TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'ok',
     attachment TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    reference TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session, persona, id);
 """
@@ -74,6 +75,9 @@ class HistoryStore:
         self.db.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
+        if "reference" not in columns:  # a database from before answers kept their platform message
+            self.db.execute("ALTER TABLE messages ADD COLUMN reference TEXT")
         self.recovered = self.db.execute(
             "UPDATE messages SET status='interrupted' WHERE status='streaming'"
         ).rowcount
@@ -96,12 +100,27 @@ class HistoryStore:
 
     # -- messages ----------------------------------------------------------------------
     @_write
-    def add(self, session: str, persona: str, role: str, content: str, *, status: str = "ok", attachment: str | None = None) -> int:
+    def add(
+        self, session: str, persona: str, role: str, content: str, *,
+        status: str = "ok", attachment: str | None = None, reference: str | None = None,
+    ) -> int:
         cur = self.db.execute(
-            "INSERT INTO messages (session, persona, role, content, status, attachment, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (session, persona, role, content, status, attachment, time.time()),
+            "INSERT INTO messages (session, persona, role, content, status, attachment, created, reference) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (session, persona, role, content, status, attachment, time.time(), reference),
         )
         return int(cur.lastrowid)
+
+    @_write
+    def set_reference(self, message_id: int, reference: str | None) -> None:
+        """Where the answer is shown on its platform (JSON, opaque here), to mark it after a crash."""
+        self.db.execute("UPDATE messages SET reference=? WHERE id=?", (reference, message_id))
+
+    def interrupted_references(self) -> list[tuple[int, str, str]]:
+        """(id, content, reference) of answers cut by a crash whose platform message is not yet marked."""
+        return self.db.execute(
+            "SELECT id, content, reference FROM messages WHERE status='interrupted' AND reference IS NOT NULL ORDER BY id"
+        ).fetchall()
 
     @_write
     def update(self, message_id: int, content: str, status: str | None = None) -> None:

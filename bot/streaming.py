@@ -60,6 +60,9 @@ class ReplyStream:
         self._typing: asyncio.Task | None = None
         self.writes = 0
         self.retries_after = 0
+        # Told (handle, where its text starts in the answer, a reopened fence) for each new
+        # message, so the core can store where the answer is shown (crash recovery).
+        self.on_placed: Callable[[Any, int, str], None] | None = None
 
     # -- feeding -------------------------------------------------------------------------
     def start(self) -> "ReplyStream":
@@ -129,6 +132,7 @@ class ReplyStream:
         if message.shown == text and phase == "streaming":
             return
         self._next_write = self.clock() + self.interval
+        posted = message.handle is None
         try:
             if message.handle is None:
                 message.handle = await self.surface.post(text, phase=phase)
@@ -138,8 +142,11 @@ class ReplyStream:
             log.info("a reply message is gone; continuing in a new message")
             message.handle = message.shown = None  # a failed repost must not edit the gone one again
             message.handle = await self.surface.post(text, phase=phase)
+            posted = True
         self.writes += 1
         message.shown = text
+        if posted and self.on_placed is not None:
+            self.on_placed(message.handle, self._base, self._prefix)
 
     async def _write(self, phase: Phase) -> None:
         body = self._body()

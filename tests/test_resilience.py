@@ -4,6 +4,9 @@ adapter restarts, crash recovery on the platforms, buttons under older answers."
 from __future__ import annotations
 
 import asyncio
+import signal
+import sqlite3
+import sys
 
 import pytest
 
@@ -11,6 +14,7 @@ from bot.i18n import t
 from tests.bot_process import bot_argv, bot_env, finish, in_tmpfs, read_line, say, start
 from tests.fake_telegram import FakeTelegram
 from tests.telegram_harness import TOKEN, running_bot, telegram_settings
+from tests.tiny_models import CODE_LINE
 
 pytestmark = pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
 
@@ -157,3 +161,117 @@ async def test_a_rejected_token_at_start_ends_the_process_with_one_line(tmp_path
     assert code == 1, err
     assert err.strip().splitlines()[-1] == "error: Telegram rejected TELEGRAM_BOT_TOKEN (check it with @BotFather)"
     assert "Traceback" not in err and "WRONG-token" not in err
+
+
+# -- 5: after kill -9, the cut answers are marked on the platform ---------------------------------
+
+
+def saved_answers(data) -> list[tuple[str, str, str, str | None]]:
+    """(session, content, status, reference) of every answer in the bot's database."""
+    path = data / "bot.sqlite3"
+    if not path.exists():
+        return []
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        return db.execute("SELECT session, content, status, reference FROM messages WHERE role='assistant' ORDER BY id").fetchall()
+    except sqlite3.OperationalError:  # not created yet
+        return []
+    finally:
+        db.close()
+
+
+async def until(predicate, what: str, timeout: float = 180.0) -> None:
+    """Wait for a condition outside the fakes (the bot's database)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def one_streaming_one_queued(data) -> bool:
+    """Two answers stored with their platform message; the first has saved some text."""
+    rows = saved_answers(data)
+    return len(rows) == 2 and all(r[3] for r in rows) and all(r[2] == "streaming" for r in rows) and bool(rows[0][1])
+
+
+def run_bot_argv() -> list[str]:
+    return [sys.executable, "-m", "tests.run_bot"]
+
+
+async def kill_9(proc) -> None:
+    proc.kill()
+    assert await proc.wait() == -signal.SIGKILL
+
+
+async def test_answers_cut_by_kill_9_are_marked_on_telegram_after_restart(tmp_path, tiny_chat_model, tiny_bajie_model):
+    data = tmp_path / "data"
+    async with FakeTelegram(TOKEN) as fake:
+        env = bot_env(data, tiny_chat_model, tiny_bajie_model, TELEGRAM_BOT_TOKEN=TOKEN, TELEGRAM_API_BASE_URL=fake.base_url)
+        first = await start(run_bot_argv(), {**env, "MAX_NEW_TOKENS": "1500", "TEST_SECONDS_PER_TOKEN": "0.05"})
+        try:
+            alice, bob = fake.private_chat(42, lang="zh-hans"), fake.private_chat(43)
+            fake.send_text(alice, 42, "code")
+            await until(lambda: len(saved_answers(data)) == 1, "the first answer to start")
+            fake.send_text(bob, 43, "code")  # queued behind it for the one model
+            await until(lambda: one_streaming_one_queued(data), "both answers stored with their messages")
+            await fake.wait_until(lambda: fake.messages(alice) and fake.messages(bob))
+            assert fake.buttons(fake.messages(alice)[0]) == ["stop:42"]
+        finally:
+            await kill_9(first)
+        fake.delete_message(bob, fake.messages(bob)[0].message_id)  # bob deleted his: nothing to mark
+        second = await start(run_bot_argv(), env)
+        try:
+            mark = t("interrupted_mark", "zh")
+            await fake.wait_until(lambda: fake.messages(alice)[0].text.endswith(mark))
+            (cut,) = fake.messages(alice)
+            assert CODE_LINE.strip() in cut.text and fake.buttons(cut) == ["regen:42"]  # Stop is gone
+            saved = saved_answers(data)[0][1]
+            assert cut.text.startswith(saved.replace("```python\n", "").splitlines()[0])
+            await until(lambda: not any(r[3] for r in saved_answers(data)), "both answers handled")
+            assert [r[2] for r in saved_answers(data)] == ["interrupted", "interrupted"]
+            fake.press(alice, cut.message_id, 42, f"regen:42")  # Regenerate works on the marked message
+            await fake.wait_until(lambda: len(fake.messages(alice)) == 2 and fake.buttons(fake.messages(alice)[1]) == ["regen:42"])
+        finally:
+            second.send_signal(signal.SIGTERM)
+            code, _, err = await finish(second)
+        assert code == 0, err
+    log = (data / "bot.log").read_text()
+    assert "telegram: could not mark an interrupted answer" in log and "telegram: marked 1 answer(s)" in log
+
+
+async def test_answers_cut_by_kill_9_are_marked_on_discord_after_restart(tmp_path, tiny_chat_model, tiny_bajie_model):
+    from tests.discord_harness import REGENERATE, STOP
+    from tests.fake_discord import FakeDiscord
+
+    data = tmp_path / "data"
+    async with FakeDiscord() as fake:
+        env = bot_env(data, tiny_chat_model, tiny_bajie_model, DISCORD_BOT_TOKEN=fake.token,
+                      FAKE_DISCORD_API=fake.api_base, FAKE_DISCORD_GATEWAY=fake.gateway_url)
+        first = await start(run_bot_argv(), {**env, "MAX_NEW_TOKENS": "1500", "TEST_SECONDS_PER_TOKEN": "0.05"})
+        bob = fake.add_user("bob")
+        try:
+            await fake.wait_for(lambda: fake.identified and fake.commands, 120, "the bot to connect")
+            alice_asks = await fake.slash("chat", fake.alice, prompt="code")
+            await until(lambda: len(saved_answers(data)) == 1, "the first answer to start")
+            bob_asks = await fake.slash("chat", bob, prompt="code")  # queued behind it
+            await until(lambda: one_streaming_one_queued(data), "both answers stored with their messages")
+            await fake.wait_for(lambda: alice_asks.original and any(c.startswith(STOP) for c in alice_asks.original.custom_ids))
+        finally:
+            await kill_9(first)
+        bob_asks.expired = True  # like a token older than 15 minutes: this one cannot be edited any more
+        second = await start(run_bot_argv(), env)
+        try:
+            mark = t("interrupted_mark", "en")
+            await fake.wait_for(lambda: alice_asks.original.content.endswith(mark), 120, "the cut answer to be marked")
+            cut = alice_asks.original
+            assert cut.content.startswith("-# ") and CODE_LINE.strip() in cut.content
+            assert [c.split(":")[1] for c in cut.custom_ids] == ["regen"] and cut.custom_ids[0].startswith(REGENERATE)
+            await until(lambda: not any(r[3] for r in saved_answers(data)), "both answers handled")
+            assert not bob_asks.original.content.endswith(mark)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            code, _, err = await finish(second)
+        assert code == 0, err
+    log = (data / "bot.log").read_text()
+    assert "discord: could not mark an interrupted answer (HTTPException: 401" in log and "discord: marked 1 answer(s)" in log

@@ -28,6 +28,7 @@ from bot.messages import AdapterCannotRun
 
 from . import texts  # noqa: F401  (registers the adapter's texts)
 from .handlers import BotIdentity, incoming_from_callback, incoming_from_message
+from .render import MAX_LENGTH
 from .surface import REGENERATE, STOP, Pacer, TelegramSurface
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class TelegramAdapter:
             mode = await self._start_receiving(application)
             log.info("telegram: @%s is ready (%s)", self.me.username, mode)
             self.ready.set()
+            self._spawn(self.app.recover("telegram", self._repair, MAX_LENGTH))
             await stop.wait()
             log.info("telegram: stopping")
         finally:
@@ -237,6 +239,14 @@ class TelegramAdapter:
                 await self.app.regenerate(incoming, self.surface(incoming))
         except TelegramError as exc:
             log.warning("telegram: handling a button press failed: %s", exc)
+
+    async def _repair(self, ref: dict, text: str, lang: str) -> None:
+        """Edit an answer cut by a crash: the interrupted mark, Regenerate instead of Stop."""
+        surface = TelegramSurface(
+            self.application.bot, self.pacer, int(ref["chat"]), is_group=bool(ref.get("group")),
+            owner_id=str(ref["owner"]), lang=lang,
+        )
+        await surface.edit(int(ref["message"]), text, phase="done")
 
     # -- errors ------------------------------------------------------------------------
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:

@@ -205,6 +205,10 @@ class TelegramSurface:
 
         await self._write(text, phase, change)
 
+    def reference(self, handle: int) -> dict:
+        """Enough to edit this message after a restart (bot/recovery.py)."""
+        return {"chat": self.chat_id, "message": handle, "owner": self.owner_id, "group": self.is_group}
+
     async def typing(self) -> None:
         # A chat action is not a message (it is outside the message budget, and AIORateLimiter
         # still caps all requests); it is cosmetic, so skipped while text waits for the budget.
