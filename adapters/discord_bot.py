@@ -12,6 +12,7 @@ mention the bot without MESSAGE_CONTENT.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -23,7 +24,7 @@ import discord
 from bot.app import App
 from bot.config import Settings
 from bot.i18n import t
-from bot.messages import AdapterCannotRun, ImageAttachment, Incoming, MessageGone
+from bot.messages import AdapterCannotRun, AnswerTag, ImageAttachment, Incoming, MessageGone
 
 from .discord_commands import I18nTranslator, build_tree, sync_commands
 from .discord_surface import DISCORD_MAX, HEADER_RESERVE, InteractionSurface, MessageSurface, OwnedButton, controls
@@ -150,10 +151,10 @@ class DiscordAdapter:
         if self._recovery is None:  # once per adapter: on_ready comes again after reconnects
             self._recovery = asyncio.create_task(self.app.recover("discord", self._repair, DISCORD_MAX - HEADER_RESERVE))
 
-    async def _repair(self, ref: dict, text: str, lang: str) -> None:
+    async def _repair(self, ref: dict, text: str, lang: str, answer_id: int) -> None:
         """Edit an answer cut by a crash: the interrupted mark, Regenerate instead of Stop."""
         content = ref.get("header", "") + text
-        view = controls("regen", int(ref["owner"]), lang)
+        view = controls("regen", int(ref["owner"]), lang, AnswerTag(stop="", answer_id=answer_id))
         if ref["kind"] == "channel":
             channel = self.client.get_partial_messageable(int(ref["channel"]))
             await channel.get_partial_message(int(ref["message"])).edit(content=content, view=view)
@@ -223,11 +224,11 @@ class DiscordAdapter:
         finally:
             await surface.close()
 
-    async def on_button(self, interaction: discord.Interaction, action: str) -> None:
+    async def on_button(self, interaction: discord.Interaction, action: str, which: str | None = None) -> None:
         received = self.clock()
         incoming = self._from_interaction(interaction, None, "")
         if action == "stop":
-            stopped = self.app.stop(self.app.session_key(incoming))
+            stopped = self.app.stop(self.app.session_key(incoming), which)
             if stopped:
                 await interaction.response.defer()  # the answer itself shows "⏹ stopped"
             else:
@@ -237,7 +238,9 @@ class DiscordAdapter:
             return
         await interaction.response.defer(thinking=True)
         surface = InteractionSurface(self, incoming, interaction, received_at=received, clock=self.clock)
-        await self._serve(incoming, self._answer(incoming, surface, self.app.regenerate))
+        answer_id = int(which) if which and which.isdigit() else None
+        regenerate = functools.partial(self.app.regenerate, answer_id=answer_id)
+        await self._serve(incoming, self._answer(incoming, surface, regenerate))
 
     # -- mentions and DMs ------------------------------------------------------------------------------
     async def on_message(self, message: discord.Message) -> None:

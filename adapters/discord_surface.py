@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import discord
 
 from bot.i18n import t
-from bot.messages import Incoming, MessageGone, Phase, RetryLater, SurfaceLimits
+from bot.messages import AnswerTag, Incoming, MessageGone, Phase, RetryLater, SurfaceLimits
 from bot.splitting import split
 
 from . import discord_texts  # noqa: F401  (registers the texts)
@@ -46,22 +46,25 @@ def persona_header(title: str) -> str:
 # -- buttons ---------------------------------------------------------------------------------------
 
 
-class OwnedButton(discord.ui.DynamicItem[discord.ui.Button], template=r"internlm:(?P<action>stop|regen):(?P<owner>\d+)"):
-    """A button only the asker may press; its custom_id says which action and whose answer."""
+class OwnedButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"internlm:(?P<action>stop|regen):(?P<owner>\d+)(?::(?P<which>\w+))?",
+):
+    """A button only the asker may press; its custom_id says which action, whose answer and
+    which answer (Stop: the answer's ticket, also while queued; Regenerate: the stored answer)."""
 
-    def __init__(self, action: str, owner: int, lang: str = "en") -> None:
+    def __init__(self, action: str, owner: int, lang: str = "en", which: str | None = None) -> None:
         stop = action == "stop"
         super().__init__(discord.ui.Button(
             style=discord.ButtonStyle.secondary if stop else discord.ButtonStyle.primary,
             label=t("discord_button_stop" if stop else "discord_button_regenerate", lang),
             emoji="⏹" if stop else "🔄",
-            custom_id=f"internlm:{action}:{owner}",
+            custom_id=f"internlm:{action}:{owner}" + (f":{which}" if which else ""),
         ))
-        self.action, self.owner = action, owner
+        self.action, self.owner, self.which = action, owner, which
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]) -> "OwnedButton":
-        button = cls(match["action"], int(match["owner"]))
+        button = cls(match["action"], int(match["owner"]), which=match["which"])
         button.item.label = item.label  # keep the label the asker saw
         return button
 
@@ -74,7 +77,7 @@ class OwnedButton(discord.ui.DynamicItem[discord.ui.Button], template=r"internlm
 
     async def callback(self, interaction: discord.Interaction) -> None:
         adapter: DiscordAdapter = interaction.client.adapter  # type: ignore[attr-defined]
-        await adapter.on_button(interaction, self.action)
+        await adapter.on_button(interaction, self.action, self.which)
 
 
 def button_for(phase: Phase) -> str | None:
@@ -82,11 +85,16 @@ def button_for(phase: Phase) -> str | None:
     return {"status": "stop", "streaming": "stop", "done": "regen"}.get(phase)
 
 
-def controls(action: str | None, owner: int, lang: str) -> discord.ui.View | None:
+def controls(action: str | None, owner: int, lang: str, tag: AnswerTag | None = None) -> discord.ui.View | None:
     if action is None:
         return None
+    which = None
+    if tag is not None:
+        if action == "regen" and tag.answer_id is None:
+            return None  # stopped while queued: nothing was asked, nothing to regenerate
+        which = tag.stop if action == "stop" else str(tag.answer_id)
     view = discord.ui.View(timeout=None)
-    view.add_item(OwnedButton(action, owner, lang))
+    view.add_item(OwnedButton(action, owner, lang, which))
     return view
 
 
@@ -123,6 +131,10 @@ class _Surface:
         self.lang = incoming.language or "en"
         self.writes = 0
         self._header_used = False
+        self.tag: AnswerTag | None = None  # names this answer in its buttons
+
+    def bind(self, tag: AnswerTag) -> None:
+        self.tag = tag
 
     # -- the ReplySurface protocol ----------------------------------------------------------------
     async def post(self, text: str, *, phase: Phase) -> Posted:
@@ -144,7 +156,7 @@ class _Surface:
         wanted = button_for(phase)
         kwargs: dict[str, Any] = {"content": content}
         if wanted != handle.controls:  # send components only when the button changes
-            kwargs["view"] = controls(wanted, self.owner, self.lang)
+            kwargs["view"] = controls(wanted, self.owner, self.lang, self.tag)
         try:
             await self._edit(handle, **kwargs)
         except discord.HTTPException as exc:
@@ -169,7 +181,7 @@ class _Surface:
         content = handle.header + text
         wanted = button_for(phase)
         try:
-            await self._create(handle, content, controls(wanted, self.owner, self.lang))
+            await self._create(handle, content, controls(wanted, self.owner, self.lang, self.tag))
         except discord.HTTPException as exc:
             raise _translate(exc) from exc
         handle.controls = wanted

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from .access import AccessPolicy
 from .config import ROLES, Settings
 from .i18n import TEXTS, lang_of, t
 from .limits import TokenBucket, clean_text
-from .messages import Incoming, ReplySurface
+from .messages import AnswerTag, Incoming, ReplySurface
 from .personas import DEFAULT_PERSONA, Persona, build_personas
 from .responders import ChatResponder, Responder, Turn
 from . import recovery
@@ -35,10 +36,28 @@ REFUSAL_EVERY = 60.0  # at most one refusal per minute per unknown user
 
 
 @dataclass
+class Ticket:
+    """One answer asked for in a session, running or waiting for its turn; its Stop button
+    names it, so Stop under a queued answer cancels that one, not the one in flight."""
+
+    id: str = field(default_factory=lambda: secrets.token_hex(4))
+    cancel: Cancel = field(default_factory=Cancel)
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def stop(self) -> bool:
+        if self.cancel.is_set:
+            return False
+        self.cancel.set()
+        self.stopped.set()
+        return True
+
+
+@dataclass
 class Session:
     key: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one generation at a time
-    cancel: Cancel | None = None
+    cancel: Cancel | None = None  # of the answer in flight
+    tickets: dict[str, Ticket] = field(default_factory=dict)  # answers running or queued
 
 
 CommandHandler = Callable[["App", Incoming, ReplySurface, str, str], Awaitable[None]]
@@ -229,24 +248,64 @@ class App:
         else:
             await self.image_handler(self, msg, surface, args, lang)
 
-    def stop(self, key: str) -> bool:
-        """Cancel the answer in flight for this session (not the ones queued behind it)."""
+    def stop(self, key: str, ticket: str | None = None) -> bool:
+        """Cancel one answer of this session: the one whose Stop button names `ticket` (running
+        or still queued), or without a ticket the one in flight (not those queued behind it)."""
         session = self.sessions.get(key)
-        if session and session.cancel and not session.cancel.is_set:
-            session.cancel.set()
-            return True
-        return False
+        if session is None:
+            return False
+        if ticket is not None:
+            found = session.tickets.get(ticket)
+            return found.stop() if found is not None else False
+        running = next((t for t in session.tickets.values() if t.cancel is session.cancel), None)
+        return running.stop() if running is not None else False
 
-    async def regenerate(self, msg: Incoming, surface: ReplySurface) -> None:
-        """Ask the last question of the current persona again, replacing its answer."""
+    @staticmethod
+    async def _wait_turn(session: Session, ticket: Ticket) -> bool:
+        """Take the session's lock in turn; False (without it) when the answer is stopped first."""
+        if not session.lock.locked():
+            await session.lock.acquire()  # free: taken at once, before anyone else looks
+            return True
+        turn = asyncio.ensure_future(session.lock.acquire())
+        stopped = asyncio.ensure_future(ticket.stopped.wait())
+        try:
+            await asyncio.wait({turn, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # shutdown while queued: asyncio.Lock passes the turn on
+            stopped.cancel()
+            turn.cancel()
+            raise
+        stopped.cancel()
+        if not turn.done():
+            turn.cancel()
+            try:
+                await turn
+            except asyncio.CancelledError:
+                return False
+        if ticket.stopped.is_set():  # stopped just as its turn came
+            session.lock.release()
+            return False
+        return True
+
+    async def regenerate(self, msg: Incoming, surface: ReplySurface, answer_id: int | None = None) -> None:
+        """Ask a question again, replacing its answer: the question of `answer_id` (the answer
+        whose Regenerate button was pressed) if that is still its persona's latest answer, else
+        say that only the latest can be; without `answer_id`, the current persona's last question."""
         lang = lang_of(msg.language)
         if not self.access.allows(msg):
             await self._refuse(msg, surface, lang)
             return
         key = self.session_key(msg)
         persona = self.current_persona(key)
+        if answer_id is not None:
+            where = self.store.answer_place(answer_id)
+            persona = self.personas.get(where[1], persona) if where and where[0] == key else persona
         async with self.session(key).lock:
-            last = next((m for m in reversed(self.store.history(key, persona.name)) if m.role == "user"), None)
+            rows = self.store.history(key, persona.name)
+            last = next((m for m in reversed(rows) if m.role == "user"), None)
+            latest = next((m for m in reversed(rows) if m.role == "assistant"), None)
+            if answer_id is not None and (latest is None or latest.id != answer_id):
+                await self._notice(surface, t("regenerate_only_latest", lang))
+                return
             if last is not None:
                 try:
                     self.store.delete_from(key, persona.name, last.id)
@@ -281,14 +340,23 @@ class App:
             return
         key = self.session_key(msg)
         session = self.session(key)
+        ticket = Ticket()
+        session.tickets[ticket.id] = ticket
+        tag = AnswerTag(stop=ticket.id)
+        if (bind := getattr(surface, "bind", None)) is not None:
+            bind(tag)
         record = ExchangeRecord(self.store, key, persona.name)
         stream = self._open_stream(msg, surface, record, lang)
         if session.lock.locked():
             stream.set_status(t("queued_session", lang))
         try:
-            async with session.lock:
-                await self._answer(msg, session, persona, text, lang, stream, record, attachment, image, tenant)
-        finally:  # also on cancellation (shutdown): close the reply cleanly
+            if await self._wait_turn(session, ticket):
+                try:
+                    await self._answer(msg, session, persona, text, lang, stream, record, ticket, tag, attachment, image, tenant)
+                finally:
+                    session.lock.release()
+        finally:  # also on cancellation (shutdown) and for a queued answer stopped: close the reply cleanly
+            session.tickets.pop(ticket.id, None)
             await asyncio.shield(stream.finish(empty_text=t("stopped_mark", lang)))
 
     def _open_stream(self, msg: Incoming, surface: ReplySurface, record: ExchangeRecord, lang: str) -> ReplyStream:
@@ -310,7 +378,8 @@ class App:
 
     async def _answer(
         self, msg: Incoming, session: Session, persona: Persona, text: str, lang: str,
-        stream: ReplyStream, record: ExchangeRecord, attachment: str | None, image: object, tenant: str,
+        stream: ReplyStream, record: ExchangeRecord, ticket: Ticket, tag: AnswerTag,
+        attachment: str | None, image: object, tenant: str,
     ) -> None:
         key = session.key
         history = [
@@ -319,7 +388,8 @@ class App:
             if m.status in VISIBLE and m.content
         ]
         record.begin(text, attachment)
-        cancel = session.cancel = Cancel()
+        tag.answer_id = record.answer_id
+        cancel = session.cancel = ticket.cancel
 
         def on_wait(kind: str, n: int) -> None:
             if kind == "queued":

@@ -64,6 +64,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "zh": "⚠️ 已中断：机器人在回答时重启了。可点击“重新生成”再问一次。",
     },
     "empty_answer": {"en": "(the model gave an empty answer)", "zh": "（模型没有给出回答）"},
+    "regenerate_only_latest": {
+        "en": "Only the latest answer can be regenerated. Send the question again to ask it anew.",
+        "zh": "只能重新生成最新的回答。如需重新提问，请再次发送该问题。",
+    },
     "regenerate_nothing": {"en": "There is nothing to regenerate.", "zh": "没有可以重新生成的回答。"},
     # --- input problems -----------------------------------------------------------
     "unknown_command": {"en": "Unknown command /{command}. Send /help for the list.", "zh": "未知命令 /{command}。发送 /help 查看命令列表。"},

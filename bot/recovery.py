@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS = 3  # per message, through the platform's rate limits
 
-Repair = Callable[[dict, str, str], Awaitable[None]]
-"""repair(message reference, text, language): edit that message into `text` with a Regenerate
-button and no Stop button; raise (MessageGone, anything) when that cannot be done."""
+Repair = Callable[[dict, str, str, int], Awaitable[None]]
+"""repair(message reference, text, language, answer id): edit that message into `text` with a
+Regenerate button for that answer and no Stop button; raise (MessageGone, anything) when that
+cannot be done."""
 
 
 def reference(platform: str, lang: str, message: dict, base: int, prefix: str) -> str:
@@ -55,7 +56,7 @@ async def recover(store: HistoryStore, platform: str, repair: Repair, limit: int
             ref = {}
         if ref.get("platform") != platform:
             continue
-        if await _repair_one(ref, interrupted_text(content, ref, limit), repair, platform):
+        if await _repair_one(ref, interrupted_text(content, ref, limit), repair, platform, answer_id):
             edited += 1
         try:
             store.set_reference(answer_id, None)  # done, or never possible: not tried again
@@ -66,10 +67,10 @@ async def recover(store: HistoryStore, platform: str, repair: Repair, limit: int
     return edited
 
 
-async def _repair_one(ref: dict[str, Any], text: str, repair: Repair, platform: str) -> bool:
+async def _repair_one(ref: dict[str, Any], text: str, repair: Repair, platform: str, answer_id: int) -> bool:
     for _ in range(ATTEMPTS):
         try:
-            await repair(ref["message"], text, ref.get("lang", "en"))
+            await repair(ref["message"], text, ref.get("lang", "en"), answer_id)
             return True
         except RetryLater as exc:
             await asyncio.sleep(exc.seconds)

@@ -116,6 +116,10 @@ class HistoryStore:
         """Where the answer is shown on its platform (JSON, opaque here), to mark it after a crash."""
         self.db.execute("UPDATE messages SET reference=? WHERE id=?", (reference, message_id))
 
+    def answer_place(self, message_id: int) -> tuple[str, str] | None:
+        """(session, persona) of a stored message, None when it is gone."""
+        return self.db.execute("SELECT session, persona FROM messages WHERE id=?", (message_id,)).fetchone()
+
     def interrupted_references(self) -> list[tuple[int, str, str]]:
         """(id, content, reference) of answers cut by a crash whose platform message is not yet marked."""
         return self.db.execute(

@@ -14,9 +14,16 @@ from bot.i18n import t
 from tests.bot_process import bot_argv, bot_env, finish, in_tmpfs, read_line, say, start
 from tests.fake_telegram import FakeTelegram
 from tests.telegram_harness import TOKEN, running_bot, telegram_settings
+from tests.slow import slow_down
 from tests.tiny_models import CODE_LINE
 
 pytestmark = pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
+
+
+def app_incoming(chat: int, user: int):
+    from bot.messages import Incoming
+
+    return Incoming(platform="telegram", chat_id=str(chat), user_id=str(user))
 
 
 class ScriptedResponder:
@@ -166,6 +173,14 @@ async def test_a_rejected_token_at_start_ends_the_process_with_one_line(tmp_path
 # -- 5: after kill -9, the cut answers are marked on the platform ---------------------------------
 
 
+def answer_ids(data) -> list[int]:
+    db = sqlite3.connect(data / "bot.sqlite3", timeout=30)
+    try:
+        return [row[0] for row in db.execute("SELECT id FROM messages WHERE role='assistant' ORDER BY id")]
+    finally:
+        db.close()
+
+
 def saved_answers(data) -> list[tuple[str, str, str, str | None]]:
     """(session, content, status, reference) of every answer in the bot's database."""
     path = data / "bot.sqlite3"
@@ -216,7 +231,7 @@ async def test_answers_cut_by_kill_9_are_marked_on_telegram_after_restart(tmp_pa
             fake.send_text(bob, 43, "code")  # queued behind it for the one model
             await until(lambda: one_streaming_one_queued(data), "both answers stored with their messages")
             await fake.wait_until(lambda: fake.messages(alice) and fake.messages(bob))
-            assert fake.buttons(fake.messages(alice)[0]) == ["stop:42"]
+            assert fake.buttons(fake.messages(alice)[0])[0].startswith("stop:42:")
         finally:
             await kill_9(first)
         fake.delete_message(bob, fake.messages(bob)[0].message_id)  # bob deleted his: nothing to mark
@@ -225,13 +240,16 @@ async def test_answers_cut_by_kill_9_are_marked_on_telegram_after_restart(tmp_pa
             mark = t("interrupted_mark", "zh")
             await fake.wait_until(lambda: fake.messages(alice)[0].text.endswith(mark))
             (cut,) = fake.messages(alice)
-            assert CODE_LINE.strip() in cut.text and fake.buttons(cut) == ["regen:42"]  # Stop is gone
+            assert CODE_LINE.strip() in cut.text  # what was saved of it, then the mark
+            assert fake.buttons(cut) == [f"regen:42:{answer_ids(data)[0]}"]  # Stop is gone
             saved = saved_answers(data)[0][1]
             assert cut.text.startswith(saved.replace("```python\n", "").splitlines()[0])
             await until(lambda: not any(r[3] for r in saved_answers(data)), "both answers handled")
             assert [r[2] for r in saved_answers(data)] == ["interrupted", "interrupted"]
-            fake.press(alice, cut.message_id, 42, f"regen:42")  # Regenerate works on the marked message
-            await fake.wait_until(lambda: len(fake.messages(alice)) == 2 and fake.buttons(fake.messages(alice)[1]) == ["regen:42"])
+            fake.press(alice, cut.message_id, 42)  # Regenerate works on the marked message
+            await fake.wait_until(
+                lambda: len(fake.messages(alice)) == 2 and fake.buttons(fake.messages(alice)[1])[:1] == [f"regen:42:{answer_ids(data)[-1]}"]
+            )
         finally:
             second.send_signal(signal.SIGTERM)
             code, _, err = await finish(second)
@@ -275,3 +293,51 @@ async def test_answers_cut_by_kill_9_are_marked_on_discord_after_restart(tmp_pat
         assert code == 0, err
     log = (data / "bot.log").read_text()
     assert "discord: could not mark an interrupted answer (HTTPException: 401" in log and "discord: marked 1 answer(s)" in log
+
+
+# -- 11: buttons under older answers and under queued answers -----------------------------------
+
+
+async def test_regenerate_under_an_older_answer_says_only_the_latest_can_be(make_app):
+    async with FakeTelegram(TOKEN) as fake:
+        app = make_app(**telegram_settings(fake))
+        async with running_bot(app):
+            chat = fake.private_chat(42, lang="zh-hans")
+            fake.send_text(chat, 42, "ping")
+            await fake.wait_until(lambda: len(fake.messages(chat)) == 1 and fake.buttons(fake.messages(chat)[0]))
+            fake.send_text(chat, 42, "remember tiger")
+            await fake.wait_until(lambda: len(fake.messages(chat)) == 2 and fake.buttons(fake.messages(chat)[1]))
+            older, latest = fake.messages(chat)
+            key = app.session_key(app_incoming(chat, 42))
+            before = [(m.role, m.content) for m in app.store.history(key, "internlm")]
+            fake.press(chat, older.message_id, 42)
+            await fake.wait_until(lambda: t("regenerate_only_latest", "zh") in fake.texts(chat))
+            assert [(m.role, m.content) for m in app.store.history(key, "internlm")] == before  # nothing lost
+            fake.press(chat, latest.message_id, 42)  # the latest one is regenerated: its question again
+            await fake.wait_until(lambda: len(fake.messages(chat)) == 4 and fake.buttons(fake.messages(chat)[3]))
+            assert fake.messages(chat)[3].text == "OK"
+            assert [(m.role, m.content) for m in app.store.history(key, "internlm")] == before
+
+
+async def test_stop_on_a_queued_answer_cancels_that_one_not_the_one_in_flight(make_app):
+    from tests.discord_harness import STOP, key_of, stack
+
+    async with stack(make_app, max_new_tokens=1500) as (fake, app, adapter):
+        await slow_down(app)  # the test acts while the first answer streams
+        first = await fake.slash("chat", fake.alice, prompt="code")
+        await fake.wait_for(lambda: first.original and "print(" in first.original.content, 60, "the first answer to stream")
+        second = await fake.slash("chat", fake.alice, prompt="ping")  # waits for the first answer
+        queued_notice = t("queued_session", "en")
+        await fake.wait_for(lambda: second.original and second.original.content.endswith(queued_notice), 60, "the queued notice")
+        (stop_queued,) = second.original.custom_ids
+        (stop_running,) = first.original.custom_ids
+        assert stop_queued.startswith(STOP) and stop_running.startswith(STOP) and stop_queued != stop_running
+        await fake.press(second.original, stop_queued, fake.alice)
+        await fake.wait_for(lambda: second.original.content.endswith(t("stopped_mark", "en")), 60, "the queued answer to stop")
+        assert second.original.custom_ids == []  # nothing was asked: nothing to regenerate
+        assert first.original.custom_ids == [stop_running]  # the first answer still streams
+        assert not first.original.content.endswith(t("stopped_mark", "en"))
+        await fake.press(first.original, stop_running, fake.alice)  # and its own Stop stops it
+        await fake.wait_for(lambda: first.original.content.endswith(t("stopped_mark", "en")), 60, "the first answer to stop")
+        key = app.session_key(key_of(fake, fake.alice, fake.channel))
+        assert [m.content for m in app.store.history(key, "internlm") if m.role == "user"] == ["code"]

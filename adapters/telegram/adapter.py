@@ -24,7 +24,7 @@ from bot.app import App
 from bot.config import Settings
 from bot.i18n import lang_of, t
 from bot.logs import redact
-from bot.messages import AdapterCannotRun
+from bot.messages import AdapterCannotRun, AnswerTag
 
 from . import texts  # noqa: F401  (registers the adapter's texts)
 from .handlers import BotIdentity, incoming_from_callback, incoming_from_message
@@ -223,7 +223,8 @@ class TelegramAdapter:
 
     async def _on_button(self, query: CallbackQuery) -> None:
         lang = lang_of(query.from_user.language_code)
-        kind, _, owner = (query.data or "").partition(":")
+        kind, _, rest = (query.data or "").partition(":")
+        owner, _, which = rest.partition(":")  # which: the answer's Stop ticket / stored id
         incoming = incoming_from_callback(query)
         try:
             if incoming is None or kind not in (STOP, REGENERATE):
@@ -232,20 +233,22 @@ class TelegramAdapter:
                 log.info("telegram: user %s pressed a button of user %s", query.from_user.id, owner)
                 await query.answer(t("telegram_not_your_button", lang), show_alert=True)
             elif kind == STOP:
-                stopped = self.app.stop(self.app.session_key(incoming))
+                stopped = self.app.stop(self.app.session_key(incoming), which or None)
                 await query.answer(t("stop_done" if stopped else "stop_nothing", lang))
             else:
                 await query.answer()
-                await self.app.regenerate(incoming, self.surface(incoming))
+                answer_id = int(which) if which.isdigit() else None
+                await self.app.regenerate(incoming, self.surface(incoming), answer_id)
         except TelegramError as exc:
             log.warning("telegram: handling a button press failed: %s", exc)
 
-    async def _repair(self, ref: dict, text: str, lang: str) -> None:
+    async def _repair(self, ref: dict, text: str, lang: str, answer_id: int) -> None:
         """Edit an answer cut by a crash: the interrupted mark, Regenerate instead of Stop."""
         surface = TelegramSurface(
             self.application.bot, self.pacer, int(ref["chat"]), is_group=bool(ref.get("group")),
             owner_id=str(ref["owner"]), lang=lang,
         )
+        surface.bind(AnswerTag(stop="", answer_id=answer_id))
         await surface.edit(int(ref["message"]), text, phase="done")
 
     # -- errors ------------------------------------------------------------------------

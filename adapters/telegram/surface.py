@@ -23,7 +23,7 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, RetryAfter
 
 from bot.i18n import t
-from bot.messages import MessageGone, Phase, RetryLater, SurfaceLimits
+from bot.messages import AnswerTag, MessageGone, Phase, RetryLater, SurfaceLimits
 
 from .render import MAX_LENGTH, render
 
@@ -180,6 +180,7 @@ class TelegramSurface:
         self.reply_to = reply_to  # in groups the first message answers the asker's message
         self.interval = GROUP_INTERVAL if is_group else PRIVATE_INTERVAL
         self.limits = SurfaceLimits(max_length=MAX_LENGTH, min_edit_interval=self.interval)
+        self.tag: AnswerTag | None = None  # names this answer in its buttons
 
     # -- the ReplySurface protocol ----------------------------------------------------
     async def post(self, text: str, *, phase: Phase) -> int:
@@ -204,6 +205,9 @@ class TelegramSurface:
             )
 
         await self._write(text, phase, change)
+
+    def bind(self, tag: AnswerTag) -> None:
+        self.tag = tag
 
     def reference(self, handle: int) -> dict:
         """Enough to edit this message after a restart (bot/recovery.py)."""
@@ -254,11 +258,17 @@ class TelegramSurface:
             self.pacer.release(slot)
 
     def _keyboard(self, phase: Phase) -> InlineKeyboardMarkup | None:
+        # callback_data "stop:<asker>:<answer's ticket>" / "regen:<asker>:<answer id>"
+        tag = self.tag
         if phase in STREAMING_PHASES:
-            button = InlineKeyboardButton(t("telegram_stop_button", self.lang), callback_data=f"{STOP}:{self.owner_id}")
+            which = f":{tag.stop}" if tag is not None else ""
+            button = InlineKeyboardButton(t("telegram_stop_button", self.lang), callback_data=f"{STOP}:{self.owner_id}{which}")
         elif phase == "done":
+            if tag is not None and tag.answer_id is None:
+                return None  # stopped while queued: nothing was asked, nothing to regenerate
+            which = f":{tag.answer_id}" if tag is not None else ""
             button = InlineKeyboardButton(
-                t("telegram_regenerate_button", self.lang), callback_data=f"{REGENERATE}:{self.owner_id}"
+                t("telegram_regenerate_button", self.lang), callback_data=f"{REGENERATE}:{self.owner_id}{which}"
             )
         else:
             return None
