@@ -14,14 +14,14 @@ from typing import AsyncIterator, Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from .base import Cancel, ChatMessage, GenerationParams, ModelError, StreamStats
+from .base import Cancel, Capabilities, ChatMessage, GenerationParams, ModelError, StreamStats
 from .devices import describe_memory, pick_device, pick_dtype
+from .generation import end_of_turn_ids, first_stop, sampling_kwargs
 
 log = logging.getLogger(__name__)
 
 _END = object()
 SWITCH_INTERVAL = 0.001  # seconds; CPython's default is 0.005
-END_OF_TURN_TOKENS = ("<|im_end|>",)
 
 
 class _CancelCriterion(StoppingCriteria):
@@ -111,6 +111,8 @@ class _AsyncStreamer:
 class TransformersBackend:
     """One loaded checkpoint. Thread-safe for concurrent `stream` calls."""
 
+    capabilities = Capabilities(special_tokens=True, agent=True)
+
     def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto", max_context_tokens: int = 8192) -> None:
         self.path = path
         self.name = path
@@ -133,23 +135,12 @@ class TransformersBackend:
         self.model = model.to(self.device).eval()
         limit = getattr(model.config, "max_position_embeddings", None) or self.max_context_tokens
         self.context_window = min(self.max_context_tokens, int(limit))
-        self.eos_ids = self._end_of_turn_ids()
+        self.eos_ids = end_of_turn_ids(self.tokenizer, self.model.generation_config)
         log.info(
             "loaded %s on %s (%s) in %.1fs, %s",
             self.path, self.device, str(self.dtype).removeprefix("torch."),
             time.perf_counter() - started, describe_memory(self.model, self.device),
         )
-
-    def _end_of_turn_ids(self) -> list[int]:
-        ids: set[int] = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        configured = getattr(self.model.generation_config, "eos_token_id", None)
-        if configured is not None:
-            ids.update([configured] if isinstance(configured, int) else configured)
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-        return sorted(ids)
 
     # -- prompting -----------------------------------------------------------------------
     def encode(self, messages: list[ChatMessage]) -> list[int]:
@@ -195,16 +186,6 @@ class TransformersBackend:
 
     def _started(self, worker: threading.Thread) -> None:
         self.last_worker = worker
-
-
-def sampling_kwargs(params: GenerationParams) -> dict:
-    """`generate` arguments for the length and sampling of `params`."""
-    kwargs: dict = dict(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy)
-    if not params.greedy:
-        kwargs.update(temperature=params.temperature, top_p=params.top_p)
-    else:  # silence "temperature is set but do_sample is False" from checkpoint defaults
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    return kwargs
 
 
 async def stream_from_thread(
@@ -260,7 +241,7 @@ async def stream_from_thread(
             done = items[-1] is _END
             delta = "".join(items[:-1] if done else items)
             text += delta
-            hit = _first_stop(text, params.stop)
+            hit = first_stop(text, params.stop)
             if hit is not None:
                 delta = delta[: max(0, len(delta) - (len(text) - hit))]
                 done = True
@@ -274,8 +255,3 @@ async def stream_from_thread(
         if stats is not None:
             stats.prompt_tokens = prompt_tokens
             stats.completion_tokens = streamer.tokens
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None

@@ -34,7 +34,7 @@ def in_tmpfs(data_dir: Path, argv: list[str], *, options: str = "size=4m", befor
 
 
 def bot_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bot", *args]
+    return [sys.executable, "-m", "launcher", *args]
 
 
 async def start(argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:

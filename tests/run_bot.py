@@ -36,6 +36,6 @@ if __name__ == "__main__":
         _point_discord_at_the_fake()
     if os.environ.get("TEST_SECONDS_PER_TOKEN"):
         _slow_down(float(os.environ["TEST_SECONDS_PER_TOKEN"]))
-    from bot.cli import main
+    from launcher.cli import main
 
     sys.exit(main(sys.argv[1:]))

@@ -8,19 +8,22 @@ import logging
 import signal
 import sys
 
-from .app import App, role_specs
-from .config import ROLES, ConfigError, Settings, load_settings
-from .datadir import DataDirError, cause, claim
-from .logs import setup_logging
-from .messages import AdapterCannotRun
-from .store import HistoryStore
-from .supervisor import supervise
+from bot.app import App, role_specs
+from bot.config import ROLES, ConfigError, Settings, load_settings
+from bot.datadir import DataDirError, cause, claim
+from bot.logs import setup_logging
+from bot.messages import AdapterCannotRun
+from bot.platforms import PLATFORMS, platform_names
+from bot.store import HistoryStore
+from bot.supervisor import supervise
+
+from .compose import adapter_factories, build_app
 
 log = logging.getLogger("bot")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bot", description="InternLM chat bot for Telegram, Discord and the console.")
+    parser = argparse.ArgumentParser(prog="python -m launcher", description="InternLM chat bot for Telegram, Discord and the console.")
     parser.add_argument(
         "mode", nargs="?", default="run", choices=("run", "console", "check"),
         help="run: every adapter with a token (the console when none); console: local chat; check: show configuration",
@@ -60,31 +63,12 @@ def open_store(settings: Settings) -> HistoryStore:
         raise DataDirError(f"DATA_DIR {settings.data_dir.resolve()}: cannot open {settings.db_path.name}: {cause(exc)}") from None
 
 
-def platform_names(settings: Settings) -> list[str]:
-    names = []
-    if settings.telegram_bot_token.get_secret_value():
-        names.append("telegram")
-    if settings.discord_bot_token.get_secret_value():
-        names.append("discord")
-    return names
-
-
-def build_app(settings: Settings, store: HistoryStore | None = None) -> App:
-    from .features import install_features
-
-    app = App(settings, store=store)
-    install_features(app)
-    return app
-
-
 async def serve(
     settings: Settings, platforms: list[str], store: HistoryStore | None = None, *,
     app: App | None = None, stop: asyncio.Event | None = None,
 ) -> None:
     """Run the adapters until SIGTERM/SIGINT (or end of console input). A dead adapter is
     restarted while the others serve; `AdapterCannotRun` at start ends the process."""
-    from adapters.registry import adapter_factories
-
     app = app or build_app(settings, store)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -103,9 +87,9 @@ async def serve(
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         failure = next((t.exception() for t in done if t is not stopper and t.exception()), None)
         stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=settings.shutdown_grace + 30)
     except asyncio.TimeoutError:
-        log.warning("adapters did not stop within 30 s")
+        log.warning("adapters did not stop in time")
     finally:
         stopper.cancel()
         for task in tasks:
@@ -128,7 +112,7 @@ def check(settings: Settings) -> int:
 
     print(f"configuration: OK (data in {settings.data_dir.resolve()})")
     platforms = platform_names(settings)
-    for name in ("telegram", "discord"):
+    for name in (p.name for p in PLATFORMS):
         print(f"adapter {name}: {'configured' if name in platforms else 'not configured (no token)'}")
     print(f"adapter console: {'not used (a platform token is set)' if platforms else 'used (no platform token)'}")
     problems = 0
