@@ -13,7 +13,7 @@ import secrets
 import time
 import uuid
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
 from models.base import Cancel, ChatMessage, ModelError
@@ -23,11 +23,14 @@ from .access import AccessPolicy
 from .config import ROLES, Settings
 from .features import DEFAULT_PERSONA, FEATURES, RATE_BUCKETS, Catalogue, Feature
 from .i18n import register, t
-from .images import DEFAULT_SIDE, ImageMemory, ImageProblem, Picture, prepare_image, since_picture
+from .images import (
+    DEFAULT_SIDE, MEMORY_BYTES, MEMORY_IDLE_SECONDS, ImageMemory, ImageProblem, Picture, prepare_image, since_picture,
+)
 from .limits import TokenBucket, clean_text
 from . import recovery
 from .messages import AnswerTag, Incoming, ReplyContext, ReplySurface
 from .personas import Persona, build_personas
+from .picture_files import PictureFiles
 from .responders import ChatResponder, Responder, Turn
 from .saving import ExchangeRecord, report
 from .store import VISIBLE, HistoryStore, StorageError
@@ -133,7 +136,8 @@ class App:
             f.persona: f.responder(self) if f.responder else ChatResponder(self.hub)
             for f in self.features.features if f.persona
         }
-        self.images = ImageMemory()  # the picture each session is talking about
+        # the picture each session is talking about, also kept under DATA_DIR across restarts
+        self.images = ImageMemory(files=PictureFiles(settings.data_dir / "pictures", max_bytes=MEMORY_BYTES, idle_seconds=MEMORY_IDLE_SECONDS))
         self.sessions: dict[str, Session] = {}
         self._refused: dict[str, float] = {}
         self._inflight: dict[asyncio.Task, tuple[str, str]] = {}  # answers being handled → (platform, session key)
@@ -280,6 +284,8 @@ class App:
             await self._control(req, feature.command)
         elif feature.argument == "image" and (req.msg.image is not None or req.command is not None):
             await self._image(req, self.personas[feature.persona])
+        elif req.command is None and feature.argument == "image" and self.images.get(req.key) is None:
+            await self._picture_forgotten(req)
         elif req.command is None:
             await self.ask(req, self.personas[feature.persona], req.args)
         else:
@@ -291,6 +297,22 @@ class App:
             else:
                 await self._notice(req.surface, t(persona.greeting_key, lang))
 
+    async def _picture_forgotten(self, req: Request) -> None:
+        """A follow-up about a picture that is gone (expired, /reset): say so once, and let the
+        chat model answer (the session switches to it, so the next message goes there directly)."""
+        chat = self.personas[DEFAULT_PERSONA]
+        feature = self.features.by_persona.get(chat.name)
+        _, token = since_picture(self.store.history(req.key, self.current_persona(req.key).name), None)
+        if token is None or (feature is not None and not self.access.allows_feature(req.msg, feature)):
+            await self._notice(req.surface, t("image_needed", req.lang))
+            return
+        log.info("%s: the picture is gone; answering with %s", req.key, chat.name)
+        self.set_persona(req.key, chat.name)
+        await self._notice(req.surface, t("picture_forgotten", req.lang, persona=t(chat.title_key, req.lang)))
+        req = replace(req, feature=feature)
+        self._context(req, chat)
+        await self.ask(req, chat, req.args)
+
     async def _control(self, req: Request, command: str) -> None:
         """The commands that select no persona (declared in bot/features.py without one)."""
         lang, key = req.lang, req.key
@@ -301,6 +323,8 @@ class App:
         elif command == "reset":
             persona = self.current_persona(key)
             self.store.reset(key, persona.name)
+            if persona.argument == "image":
+                self.images.forget(key)  # the picture goes with its conversation
             text = t("reset_done", lang, persona=t(persona.title_key, lang))
         elif command == "stop":
             text = t("stop_done" if self.stop(key) else "stop_nothing", lang)

@@ -41,6 +41,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "zh": "⚠️ 已中断：机器人在回答时重启了。可点击“重新生成”再问一次。",
     },
     "empty_answer": {"en": "(the model gave an empty answer)", "zh": "（模型没有给出回答）"},
+    "picture_forgotten": {
+        "en": "The picture this conversation was about is no longer available (forgotten after /reset or hours unused), so {persona} answers without it. Send the picture again to ask about it.",
+        "zh": "这段对话所说的图片已不再保存（/reset 后或长时间未使用会被遗忘），现在由{persona}在没有图片的情况下回答。如需询问图片，请重新发送。",
+    },
     "regenerate_only_latest": {
         "en": "Only the latest answer can be regenerated. Send the question again to ask it anew.",
         "zh": "只能重新生成最新的回答。如需重新提问，请再次发送该问题。",

@@ -341,3 +341,100 @@ async def test_stop_on_a_queued_answer_cancels_that_one_not_the_one_in_flight(ma
         await fake.wait_for(lambda: first.original.content.endswith(t("stopped_mark", "en")), "the first answer to stop")
         key = app.session_key(key_of(fake, fake.alice, fake.channel))
         assert [m.content for m in app.store.history(key, "internlm") if m.role == "user"] == ["code"]
+
+
+# -- 13: pictures kept across restarts; a forgotten one is said once --------------------------------
+
+
+@pytest.fixture
+def vision_app(make_app):
+    from tests import tiny_vlm
+
+    def make(**overrides):
+        return make_app(vision_model=str(tiny_vlm.vision_model_path()), **overrides)
+
+    return make
+
+
+def photo_message(text: str = "", color: str | None = None, lang: str = "en"):
+    from bot.messages import ImageAttachment, Incoming
+    from tests import tiny_vlm
+    from tests.test_images import encode
+
+    image = None
+    if color is not None:
+        data = encode(tiny_vlm.solid_image(color, (64, 48)), "PNG")
+
+        async def fetch() -> bytes:
+            return data
+
+        image = ImageAttachment(fetch=fetch, size=len(data), filename="photo.png", mime_type="image/png")
+    return Incoming(platform="test", chat_id="c1", user_id="u1", text=text, image=image, language=lang)
+
+
+async def said(app, text: str = "", color: str | None = None, lang: str = "en") -> list[str]:
+    from tests.surfaces import RecordingSurface
+
+    surface = RecordingSurface()
+    await app.handle(photo_message(text, color, lang), surface)
+    return [m for m in surface.messages if m]
+
+
+async def test_a_picture_survives_a_restart_and_is_deleted_by_reset(vision_app, make_settings):
+    first = vision_app()
+    assert await said(first, "what is this", color="red") == ["red"]
+    kept = sorted(p.suffix for p in (first.settings.data_dir / "pictures").iterdir())
+    assert kept == [".json", ".png"]
+    first.store.close()
+    second = vision_app()  # a restart: same DATA_DIR, nothing in memory
+    assert len(second.images) == 0
+    assert await said(second, "And now?") == ["red"]  # the follow-up still has its picture
+    assert second.hub.get("vision").last_prompt[1].image is not None
+    assert await said(second, "/reset") == [t("reset_done", "en", persona=t("persona_vision", "en"))]
+    assert list((second.settings.data_dir / "pictures").iterdir()) == []
+
+
+async def test_a_forgotten_picture_is_said_once_and_the_chat_model_answers(vision_app):
+    first = vision_app()
+    assert await said(first, "what is this", color="blue", lang="zh") == ["blue"]
+    first.store.close()
+    for path in (first.settings.data_dir / "pictures").iterdir():
+        path.unlink()  # expired while the bot was down
+    second = vision_app()
+    notice = t("picture_forgotten", "zh", persona=t("persona_internlm", "zh"))
+    assert await said(second, "ping", lang="zh") == [notice, "pong"]
+    assert await said(second, "ping", lang="zh") == ["pong"]  # said once: the chat model has the conversation now
+    key = second.session_key(photo_message())
+    assert second.current_persona(key).name == "internlm"
+
+
+def test_kept_pictures_expire_and_stay_under_the_cap(tmp_path):
+    import os
+    import time
+
+    from PIL import Image
+
+    from bot.images import PreparedImage
+    from bot.picture_files import PictureFiles
+
+    def prepared(color: str) -> PreparedImage:
+        return PreparedImage(Image.new("RGB", (40, 40), color), "PNG", (40, 40), 100, 1)
+
+    files = PictureFiles(tmp_path / "pictures", max_bytes=10_000, idle_seconds=3600)
+    files.save("a", "ta", prepared("red"))
+    token, picture = files.load("a")
+    assert token == "ta" and picture.image.getpixel((0, 0)) == (255, 0, 0) and picture.source_size == (40, 40)
+    png, meta = files._paths("a")
+    old = time.time() - 3601
+    os.utime(png, (old, old))
+    assert files.load("a") is None and not png.exists() and not meta.exists()  # expired: deleted
+    files.save("b", "tb", prepared("red"))
+    one = files._paths("b")[0].stat().st_size
+    cap = PictureFiles(tmp_path / "capped", max_bytes=2 * one + one // 2, idle_seconds=3600)
+    for i, key in enumerate("xyz"):
+        cap.save(key, key, prepared("red"))
+        stamp = time.time() - 100 + i  # x oldest
+        for path in cap._paths(key):
+            os.utime(path, (stamp, stamp))
+    cap.save("w", "w", prepared("red"))
+    assert [cap.load(k) is not None for k in "xyzw"] == [False, False, True, True]
