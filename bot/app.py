@@ -33,6 +33,7 @@ from .personas import Persona, build_personas
 from .picture_files import PictureFiles
 from .responders import ChatResponder, Responder, Turn
 from .saving import ExchangeRecord, report
+from .stopping import UntilStopped
 from .store import VISIBLE, HistoryStore, StorageError
 from .streaming import ReplyStream
 
@@ -65,6 +66,7 @@ class Session:
     key: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one generation at a time
     cancel: Cancel | None = None  # of the answer in flight
+    stopped: asyncio.Event | None = None  # /stop for the answer in flight, seen at once (bot/stopping.py)
     tickets: dict[str, Ticket] = field(default_factory=dict)  # answers running or queued
 
 
@@ -512,20 +514,14 @@ class App:
             elif stream.status:  # replace a queue notice; otherwise show nothing until text
                 stream.set_status(t("thinking", lang))
 
-        session.cancel = ticket.cancel
+        session.cancel, session.stopped = ticket.cancel, ticket.stopped  # Ticket.stop() sets both
         return Turn(req.msg, session.key, tenant, persona, history, text, lang, session.cancel, on_wait, picture=picture)
 
     async def _answer(self, turn: Turn, stream: ReplyStream, record: ExchangeRecord) -> None:
         key, persona, lang, cancel = turn.session_key, turn.persona, turn.lang, turn.cancel
         status, suffix = "ok", ""
-        saved_at = self.clock()
         try:
-            async with aclosing(self.responders[persona.name].respond(turn)) as deltas:
-                async for delta in deltas:
-                    stream.feed(delta)
-                    if self.clock() - saved_at >= SAVE_EVERY:
-                        saved_at = self.clock()
-                        record.update(stream.text)
+            await self._stream_answer(turn, stream, self.sessions[key].stopped, record)
             if cancel.is_set:
                 status, suffix = "stopped", t("stopped_mark", lang)
         except ModelError as exc:
@@ -539,7 +535,7 @@ class App:
             log.exception("%s failed for %s", persona.name, turn.tenant)
             status, suffix = "failed", t("internal_error", lang)
         finally:
-            self.sessions[key].cancel = None
+            self.sessions[key].cancel = self.sessions[key].stopped = None
             answer = turn.stored_answer if turn.stored_answer is not None else stream.text
             record.update(answer, status)
             log.info(
@@ -551,6 +547,26 @@ class App:
         if suffix:
             stream.feed(("\n\n" if stream.text.strip() else "") + suffix)
         await stream.finish(empty_text=t("empty_answer", lang))
+
+    async def _stream_answer(self, turn: Turn, stream: ReplyStream, stopped: asyncio.Event, record: ExchangeRecord) -> None:
+        """Show the responder's deltas; a /stop before any text marks the reply stopped at once."""
+        saved_at = self.clock()
+        async with aclosing(self.responders[turn.persona.name].respond(turn)) as deltas:
+            shown = UntilStopped(deltas, stopped, armed=lambda: not stream.text)
+            try:
+                async for delta in shown:
+                    stream.feed(delta)
+                    if self.clock() - saved_at >= SAVE_EVERY:
+                        saved_at = self.clock()
+                        record.update(stream.text)
+                if shown.cut:  # say so now; the model may still be reading the prompt
+                    if turn.stored_answer is None:
+                        turn.stored_answer = stream.text
+                    record.update(turn.stored_answer, "stopped")  # stored before it is shown
+                    stream.feed(("\n\n" if stream.text.strip() else "") + t("stopped_mark", turn.lang))
+                    await stream.finish()
+            finally:
+                await shown.drain()
 
     # -- shutdown: one policy for every adapter --------------------------------------------
     @contextmanager

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     chat_model: str = "internlm/internlm2-chat-1_8b"
     bajie_model: str = "JimmyMa99/BaJie-Chat-mini"
     agent_model: str = "internlm/internlm2-chat-7b"
-    vision_model: str = "internlm/internlm-xcomposer2-vl-7b"
+    vision_model: str = "internlm/internlm-xcomposer2-vl-1_8b"  # fits beside the others (README GPU notes)
 
     chat_backend: Literal["transformers", "openai"] = "transformers"
     bajie_backend: Literal["transformers", "openai"] = "transformers"
@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     openai_max_concurrent: int = Field(16, ge=1)  # requests in flight per server: it batches them
 
     model_hub: Literal["huggingface", "modelscope"] = "huggingface"
-    bajie_hub: Literal["", "huggingface", "modelscope"] = ""  # empty: same as MODEL_HUB
+    bajie_hub: Literal["", "huggingface", "modelscope"] = "modelscope"  # Bajie is published there; empty: MODEL_HUB
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_concurrent_generations: int = Field(1, ge=1)  # per loaded model

@@ -50,6 +50,8 @@ BUILDERS: list[Builder] = [
     Builder("agent", "tests.tiny_agent_model:agent_model_path",
             _BASE + ("tests/tiny_agent_model.py", "models/agent.py", "models/agent_tools.py")),
     Builder("vision", "tests.tiny_vlm:vision_model_path", _BASE + ("tests/tiny_vlm.py",)),
+    Builder("xcomposer2", "tests.tiny_xcomposer2:xcomposer2_model_path",
+            _BASE + ("tests/tiny_vlm.py", "tests/tiny_xcomposer2.py", "tests/tiny_xcomposer2_code/*.py")),
 ]
 
 
