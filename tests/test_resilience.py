@@ -322,23 +322,32 @@ async def test_regenerate_under_an_older_answer_says_only_the_latest_can_be(make
 async def test_stop_on_a_queued_answer_cancels_that_one_not_the_one_in_flight(make_app):
     from tests.discord_harness import STOP, key_of, stack
 
+    def stop_button(interaction) -> tuple[object, str] | tuple[None, None]:
+        """The Stop button of an answer, on its newest message (a long answer continues in follow-ups)."""
+        for message in reversed(interaction.messages):
+            for custom_id in message.custom_ids:
+                if custom_id.startswith(STOP):
+                    return message, custom_id
+        return None, None
+
     async with stack(make_app, max_new_tokens=1500) as (fake, app, adapter):
-        await slow_down(app)  # the test acts while the first answer streams
+        await slow_down(app, seconds_per_token=0.05)  # the test acts while the first answer streams
         first = await fake.slash("chat", fake.alice, prompt="code")
         await fake.wait_for(lambda: first.original and "print(" in first.original.content, "the first answer to stream")
         second = await fake.slash("chat", fake.alice, prompt="ping")  # waits for the first answer
         queued_notice = t("queued_session", "en")
         await fake.wait_for(lambda: second.original and second.original.content.endswith(queued_notice), "the queued notice")
-        (stop_queued,) = second.original.custom_ids
-        (stop_running,) = first.original.custom_ids
-        assert stop_queued.startswith(STOP) and stop_running.startswith(STOP) and stop_queued != stop_running
-        await fake.press(second.original, stop_queued, fake.alice)
+        queued_message, stop_queued = stop_button(second)
+        _, stop_running = stop_button(first)
+        assert stop_queued is not None and stop_running is not None and stop_queued != stop_running
+        await fake.press(queued_message, stop_queued, fake.alice)
         await fake.wait_for(lambda: second.original.content.endswith(t("stopped_mark", "en")), "the queued answer to stop")
         assert second.original.custom_ids == []  # nothing was asked: nothing to regenerate
-        assert first.original.custom_ids == [stop_running]  # the first answer still streams
-        assert not first.original.content.endswith(t("stopped_mark", "en"))
-        await fake.press(first.original, stop_running, fake.alice)  # and its own Stop stops it
-        await fake.wait_for(lambda: first.original.content.endswith(t("stopped_mark", "en")), "the first answer to stop")
+        running_message, still = stop_button(first)
+        assert still == stop_running  # the first answer still streams…
+        assert not first.messages[-1].content.endswith(t("stopped_mark", "en"))
+        await fake.press(running_message, stop_running, fake.alice)  # …and its own Stop stops it
+        await fake.wait_for(lambda: first.messages[-1].content.endswith(t("stopped_mark", "en")), "the first answer to stop")
         key = app.session_key(key_of(fake, fake.alice, fake.channel))
         assert [m.content for m in app.store.history(key, "internlm") if m.role == "user"] == ["code"]
 
