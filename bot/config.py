@@ -102,9 +102,10 @@ class Settings(BaseSettings):
     agent_tools: str = "python"  # comma list: python, arxiv
     sandbox_cpu_seconds: int = Field(10, ge=1)
     sandbox_wall_seconds: float = Field(20.0, gt=0)
-    sandbox_memory_mb: int = Field(512, ge=32)
+    sandbox_memory_mb: int = Field(512, ge=32)  # per run, all its processes together
     sandbox_max_processes: int = Field(32, ge=1)
     sandbox_max_output_chars: int = Field(4000, ge=100)
+    sandbox_total_memory_mb: int = Field(2048, ge=32)  # all runs at once; runs × SANDBOX_MEMORY_MB ≤ this
     sandbox_unsafe_no_bwrap: bool = False
 
     # --- images -----------------------------------------------------------------------
@@ -125,6 +126,14 @@ class Settings(BaseSettings):
     def _split_ids(cls, value: object) -> object:
         if isinstance(value, str):
             return frozenset(part.strip() for part in value.replace(";", ",").split(",") if part.strip())
+        return value
+
+    @field_validator("sandbox_total_memory_mb")
+    @classmethod
+    def _check_sandbox_total(cls, value: int, info) -> int:
+        per_run = info.data.get("sandbox_memory_mb")
+        if per_run is not None and value < per_run:
+            raise ValueError(f"must be at least SANDBOX_MEMORY_MB ({per_run}): one run must fit")
         return value
 
     @field_validator("device")
