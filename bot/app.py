@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
 from models.base import Cancel, ChatMessage, ModelError
@@ -23,15 +24,20 @@ from .config import ROLES, Settings
 from .features import DEFAULT_PERSONA, FEATURES, RATE_BUCKETS, Catalogue, Feature
 from .health import Health
 from .i18n import register, t
-from .images import DEFAULT_SIDE, ImageMemory, ImageProblem, Picture, prepare_image, since_picture
+from .images import (
+    DEFAULT_SIDE, MEMORY_BYTES, MEMORY_IDLE_SECONDS, ImageMemory, ImageProblem, Picture, prepare_image, since_picture,
+)
 from .limits import TokenBucket, clean_text
+from . import recovery
 from .log_context import bind
-from .messages import Incoming, ReplyContext, ReplySurface
+from .messages import AnswerTag, Incoming, ReplyContext, ReplySurface
 from .metrics import Metrics, NoMetrics
 from .personas import Persona, build_personas
+from .picture_files import PictureFiles
 from .responders import ChatResponder, Responder, Turn
-from .store import VISIBLE, HistoryStore
+from .saving import ExchangeRecord, report
 from .stopping import UntilStopped
+from .store import VISIBLE, HistoryStore, StorageError
 from .streaming import ReplyStream
 from .timed_surface import TimedSurface
 
@@ -43,11 +49,29 @@ STOP_WAIT = 10.0  # seconds stopped answers get to close at shutdown before they
 
 
 @dataclass
+class Ticket:
+    """One answer asked for in a session, running or waiting for its turn; its Stop button
+    names it, so Stop under a queued answer cancels that one, not the one in flight."""
+
+    id: str = field(default_factory=lambda: secrets.token_hex(4))
+    cancel: Cancel = field(default_factory=Cancel)
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def stop(self) -> bool:
+        if self.cancel.is_set:
+            return False
+        self.cancel.set()
+        self.stopped.set()
+        return True
+
+
+@dataclass
 class Session:
     key: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one generation at a time
-    cancel: Cancel | None = None
+    cancel: Cancel | None = None  # of the answer in flight
     stopped: asyncio.Event | None = None  # /stop for the answer in flight, seen at once (bot/stopping.py)
+    tickets: dict[str, Ticket] = field(default_factory=dict)  # answers running or queued
 
 
 @dataclass
@@ -121,7 +145,8 @@ class App:
             f.persona: f.responder(self) if f.responder else ChatResponder(self.hub)
             for f in self.features.features if f.persona
         }
-        self.images = ImageMemory()  # the picture each session is talking about
+        # the picture each session is talking about, also kept under DATA_DIR across restarts
+        self.images = ImageMemory(files=PictureFiles(settings.data_dir / "pictures", max_bytes=MEMORY_BYTES, idle_seconds=MEMORY_IDLE_SECONDS))
         self.sessions: dict[str, Session] = {}
         self._refused: dict[str, float] = {}
         self._inflight: dict[asyncio.Task, tuple[str, str]] = {}  # answers being handled → (platform, session key)
@@ -147,6 +172,13 @@ class App:
         name = self.store.persona(key, DEFAULT_PERSONA)
         return self.personas.get(name) or self.personas[DEFAULT_PERSONA]
 
+    def set_persona(self, key: str, name: str) -> None:
+        """Make `name` the session's persona; on a full disk the switch is not kept, the answer goes on."""
+        try:
+            self.store.set_persona(key, name)
+        except StorageError as exc:
+            report(exc)
+
     def menu(self, platform: str | None = None) -> list[Feature]:
         """The commands for a platform's command menu, in order."""
         return self.features.menu(platform)
@@ -165,28 +197,50 @@ class App:
                 self._context(req, self.current_persona(req.key))
                 if await self._admitted(req):
                     await self._dispatch(req)
+            except StorageError as exc:  # a command that writes (/reset) on a full or read-only disk
+                report(exc)
+                await self._notice(surface, t("storage_failed", msg.lang))
             except Exception:
                 log.exception("handling a %s message failed", msg.platform)
                 await self._notice(surface, t("internal_error", msg.lang))
 
-    async def regenerate(self, msg: Incoming, surface: ReplySurface) -> None:
-        """Ask the last question of the current persona again, replacing its answer."""
+    async def regenerate(self, msg: Incoming, surface: ReplySurface, answer_id: int | None = None) -> None:
+        """Ask a question again, replacing its answer: the question of `answer_id` (the answer
+        whose Regenerate button was pressed) if that is still its persona's latest answer, else
+        say that only the latest can be; without `answer_id`, the current persona's last question."""
         key = self.session_key(msg)
         bind(platform=msg.platform, session=key, persona=None)
         with self._tracked(msg.platform, key):
             persona = self.current_persona(key)
+            where = self.store.answer_place(answer_id) if answer_id is not None else None
+            if where is not None and where[0] == key:
+                persona = self.personas.get(where[1], persona)
             req = Request(msg, surface, key, None, "", self.features.by_persona.get(persona.name))
             self._context(req, persona)
             if not await self._admitted(req):
                 return
             async with self.session(key).lock:
-                last = next((m for m in reversed(self.store.history(key, persona.name)) if m.role == "user"), None)
-                if last is not None:
-                    self.store.delete_from(key, persona.name, last.id)
+                rows = self.store.history(key, persona.name)
+                last = next((m for m in reversed(rows) if m.role == "user"), None)
+                latest = next((m for m in reversed(rows) if m.role == "assistant"), None)
+                if answer_id is not None and (latest is None or latest.id != answer_id):
+                    await self._notice(surface, t("regenerate_only_latest", req.lang))
+                    return
+                if last is not None and not self._forget_from(key, persona, last.id):
+                    await self._notice(surface, t("storage_failed", req.lang))
+                    return
             if last is None:
                 await self._notice(surface, t("regenerate_nothing", req.lang))
             else:
                 await self.ask(req, persona, last.content, attachment=last.attachment)
+
+    def _forget_from(self, key: str, persona: Persona, message_id: int) -> bool:
+        try:
+            self.store.delete_from(key, persona.name, message_id)
+            return True
+        except StorageError as exc:
+            report(exc)
+            return False
 
     def _route(self, msg: Incoming, surface: ReplySurface, key: str) -> Request:
         command, args = self._parse(msg)
@@ -250,16 +304,34 @@ class App:
             await self._control(req, feature.command)
         elif feature.argument == "image" and (req.msg.image is not None or req.command is not None):
             await self._image(req, self.personas[feature.persona])
+        elif req.command is None and feature.argument == "image" and self.images.get(req.key) is None:
+            await self._picture_forgotten(req)
         elif req.command is None:
             await self.ask(req, self.personas[feature.persona], req.args)
         else:
             persona = self.personas[feature.persona]
-            self.store.set_persona(req.key, persona.name)
+            self.set_persona(req.key, persona.name)
             self._context(req, persona)
             if req.args.strip():
                 await self.ask(req, persona, req.args)
             else:
                 await self._notice(req.surface, t(persona.greeting_key, lang))
+
+    async def _picture_forgotten(self, req: Request) -> None:
+        """A follow-up about a picture that is gone (expired, /reset): say so once, and let the
+        chat model answer (the session switches to it, so the next message goes there directly)."""
+        chat = self.personas[DEFAULT_PERSONA]
+        feature = self.features.by_persona.get(chat.name)
+        _, token = since_picture(self.store.history(req.key, self.current_persona(req.key).name), None)
+        if token is None or (feature is not None and not self.access.allows_feature(req.msg, feature)):
+            await self._notice(req.surface, t("image_needed", req.lang))
+            return
+        log.info("%s: the picture is gone; answering with %s", req.key, chat.name)
+        self.set_persona(req.key, chat.name)
+        await self._notice(req.surface, t("picture_forgotten", req.lang, persona=t(chat.title_key, req.lang)))
+        req = replace(req, feature=feature)
+        self._context(req, chat)
+        await self.ask(req, chat, req.args)
 
     async def _control(self, req: Request, command: str) -> None:
         """The commands that select no persona (declared in bot/features.py without one)."""
@@ -271,6 +343,8 @@ class App:
         elif command == "reset":
             persona = self.current_persona(key)
             self.store.reset(key, persona.name)
+            if persona.argument == "image":
+                self.images.forget(key)  # the picture goes with its conversation
             text = t("reset_done", lang, persona=t(persona.title_key, lang))
         elif command == "stop":
             text = t("stop_done" if self.stop(key) else "stop_nothing", lang)
@@ -289,19 +363,48 @@ class App:
             return t("start", lang, commands=commands, persona=persona)
         return commands + "\n\n" + t("help_footer", lang) + "\n" + t("persona_current", lang, persona=persona)
 
-    def stop(self, key: str) -> bool:
-        """Cancel the answer in flight for this session (not the ones queued behind it)."""
+    def stop(self, key: str, ticket: str | None = None) -> bool:
+        """Cancel one answer of this session: the one whose Stop button names `ticket` (running
+        or still queued), or without a ticket the one in flight (not those queued behind it)."""
         session = self.sessions.get(key)
-        if session and session.cancel and not session.cancel.is_set:
-            session.cancel.set()
-            if session.stopped is not None:
-                session.stopped.set()
-            return True
-        return False
+        if session is None:
+            return False
+        if ticket is not None:
+            found = session.tickets.get(ticket)
+            return found.stop() if found is not None else False
+        running = next((t for t in session.tickets.values() if t.cancel is session.cancel), None)
+        return running.stop() if running is not None else False
 
-    def stop_for(self, msg: Incoming) -> bool:
-        """/stop on behalf of the author of `msg` (a Stop button, Ctrl-C): adapters never build keys."""
-        return self.stop(self.session_key(msg))
+    def stop_for(self, msg: Incoming, ticket: str | None = None) -> bool:
+        """/stop on behalf of the author of `msg` (a Stop button, Ctrl-C): adapters never build keys.
+        `ticket`: what the pressed Stop button names (that answer, even while it waits its turn)."""
+        return self.stop(self.session_key(msg), ticket)
+
+    @staticmethod
+    async def _wait_turn(session: Session, ticket: Ticket) -> bool:
+        """Take the session's lock in turn; False (without it) when the answer is stopped first."""
+        if not session.lock.locked():
+            await session.lock.acquire()  # free: taken at once, before anyone else looks
+            return True
+        turn = asyncio.ensure_future(session.lock.acquire())
+        stopped = asyncio.ensure_future(ticket.stopped.wait())
+        try:
+            await asyncio.wait({turn, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # shutdown while queued: asyncio.Lock passes the turn on
+            stopped.cancel()
+            turn.cancel()
+            raise
+        stopped.cancel()
+        if not turn.done():
+            turn.cancel()
+            try:
+                await turn
+            except asyncio.CancelledError:
+                return False
+        if ticket.stopped.is_set():  # stopped just as its turn came
+            session.lock.release()
+            return False
+        return True
 
     # -- pictures ------------------------------------------------------------------------
     async def _image(self, req: Request, persona: Persona) -> None:
@@ -311,7 +414,7 @@ class App:
         if req.msg.image is None:  # the command without a picture: switch, and ask if a picture is there
             if self.current_persona(key).name != persona.name:
                 self.images.forget(key)  # coming back from another persona starts afresh
-            self.store.set_persona(key, persona.name)
+            self.set_persona(key, persona.name)
             self._context(req, persona)
             if req.args.strip() and self.images.get(key) is not None:
                 await self.ask(req, persona, req.args)
@@ -321,7 +424,7 @@ class App:
         picture = await self._take_in(req, persona)
         if picture is None:
             return
-        self.store.set_persona(key, persona.name)
+        self.set_persona(key, persona.name)
         self._context(req, persona)
         question = req.args.strip() or t("image_describe_question", lang)
         await self.ask(req, persona, question, attachment=picture.marker())
@@ -372,24 +475,53 @@ class App:
         session = self.session(req.key)
         self._context(req, persona)
         timed = TimedSurface(req.surface)  # when the answer showed, how many edits it took
-        stream = ReplyStream(timed).start()
+        ticket = Ticket()
+        session.tickets[ticket.id] = ticket
+        tag = AnswerTag(stop=ticket.id)
+        if (bind_tag := getattr(req.surface, "bind", None)) is not None:
+            bind_tag(tag)
+        record = ExchangeRecord(self.store, req.key, persona.name)
+        stream = self._open_stream(req, record, timed)
         if session.lock.locked():
             stream.set_status(t("queued_session", lang))
         turn = None
         try:
-            async with session.lock:
-                turn = self._turn(req, session, persona, text, tenant, stream, attachment)
-                await self._answer(turn, stream)
-        finally:  # also on cancellation (shutdown): close the reply cleanly
+            if await self._wait_turn(session, ticket):
+                try:
+                    turn = self._turn(req, session, persona, text, tenant, stream, attachment, record, ticket)
+                    tag.answer_id = record.answer_id
+                    await self._answer(turn, stream, record)
+                finally:
+                    session.lock.release()
+        finally:  # also on cancellation (shutdown) and for a queued answer stopped: close the reply cleanly
+            session.tickets.pop(ticket.id, None)
             await asyncio.shield(stream.finish(empty_text=t("stopped_mark", lang)))
         self.metrics.answer(
             msg.platform, persona.name, tenant, first_text=timed.first_text, total=time.monotonic() - timed.started,
             edits=timed.edits, tokens=turn.stats.completion_tokens if turn else 0, agent=persona.role == "agent",
         )
 
+    def _open_stream(self, req: Request, record: ExchangeRecord, surface: ReplySurface) -> ReplyStream:
+        """A ReplyStream (writing to `surface`, which wraps the request's) whose messages are
+        noted with the answer, to mark them after a crash."""
+        stream = ReplyStream(surface)
+        where = getattr(req.surface, "reference", None)  # the console has nothing to mark later
+
+        def placed(handle: object, base: int, prefix: str) -> None:
+            message = where(handle) if where is not None else None
+            if message is not None:
+                record.place(recovery.reference(req.msg.platform, req.lang, message, base, prefix))
+
+        stream.on_placed = placed
+        return stream.start()
+
+    async def recover(self, platform: str, repair: recovery.Repair, limit: int) -> int:
+        """Called by an adapter once it is up: mark its answers cut by the last crash."""
+        return await recovery.recover(self.store, platform, repair, limit)
+
     def _turn(
         self, req: Request, session: Session, persona: Persona, text: str, tenant: str, stream: ReplyStream,
-        attachment: str | None,
+        attachment: str | None, record: ExchangeRecord, ticket: Ticket,
     ) -> Turn:
         """Everything the responder needs, read once: the history (since the picture, for a
         picture persona) and the picture itself; then the question is stored."""
@@ -402,7 +534,7 @@ class App:
             picture = remembered if remembered is not None and token is not None and remembered.token == token else None
             rows = rows[since:]
         history = [ChatMessage(m.role, m.content) for m in rows if m.status in VISIBLE and m.content]
-        self.store.add(session.key, persona.name, "user", text, attachment=attachment)
+        record.begin(text, attachment)  # the question, and the answer row it grows into
 
         def on_wait(kind: str, n: int) -> None:
             if kind == "queued":
@@ -412,15 +544,14 @@ class App:
             elif stream.status:  # replace a queue notice; otherwise show nothing until text
                 stream.set_status(t("thinking", lang))
 
-        session.cancel, session.stopped = Cancel(), asyncio.Event()
+        session.cancel, session.stopped = ticket.cancel, ticket.stopped  # Ticket.stop() sets both
         return Turn(req.msg, session.key, tenant, persona, history, text, lang, session.cancel, on_wait, picture=picture)
 
-    async def _answer(self, turn: Turn, stream: ReplyStream) -> None:
+    async def _answer(self, turn: Turn, stream: ReplyStream, record: ExchangeRecord) -> None:
         key, persona, lang, cancel = turn.session_key, turn.persona, turn.lang, turn.cancel
-        answer_id = self.store.add(key, persona.name, "assistant", "", status="streaming")
         status, suffix = "ok", ""
         try:
-            await self._stream_answer(turn, stream, self.sessions[key].stopped, answer_id)
+            await self._stream_answer(turn, stream, self.sessions[key].stopped, record)
             if cancel.is_set:
                 status, suffix = "stopped", t("stopped_mark", lang)
         except ModelError as exc:
@@ -428,7 +559,7 @@ class App:
             status, suffix = "failed", t(exc.user_message_key, lang)
         except asyncio.CancelledError:  # shutdown: mark what was shown as stopped, then go
             status = "stopped"
-            stream.feed(("\n\n" if stream.text else "") + t("stopped_mark", lang))
+            stream.feed(("\n\n" if stream.text.strip() else "") + t("stopped_mark", lang))
             raise
         except Exception:
             log.exception("%s failed for %s", persona.name, turn.tenant)
@@ -436,17 +567,19 @@ class App:
         finally:
             self.sessions[key].cancel = self.sessions[key].stopped = None
             answer = turn.stored_answer if turn.stored_answer is not None else stream.text
-            self.store.update(answer_id, answer, status)
+            record.update(answer, status)
             self.metrics.request(turn.msg.platform, persona.name, "answered" if status == "ok" else status, turn.tenant)
             log.info(
                 "answered %s as %s: %s, %d prompt + %d answer tokens",
                 turn.tenant, persona.name, status, turn.stats.prompt_tokens, turn.stats.completion_tokens,
             )
+        if not record.saved:
+            suffix = (suffix + "\n\n" if suffix else "") + t("not_saved", lang)
         if suffix:
-            stream.feed(("\n\n" if stream.text else "") + suffix)
+            stream.feed(("\n\n" if stream.text.strip() else "") + suffix)
         await stream.finish(empty_text=t("empty_answer", lang))
 
-    async def _stream_answer(self, turn: Turn, stream: ReplyStream, stopped: asyncio.Event, answer_id: int) -> None:
+    async def _stream_answer(self, turn: Turn, stream: ReplyStream, stopped: asyncio.Event, record: ExchangeRecord) -> None:
         """Show the responder's deltas; a /stop before any text marks the reply stopped at once."""
         saved_at = self.clock()
         async with aclosing(self.responders[turn.persona.name].respond(turn)) as deltas:
@@ -456,12 +589,12 @@ class App:
                     stream.feed(delta)
                     if self.clock() - saved_at >= SAVE_EVERY:
                         saved_at = self.clock()
-                        self.store.update(answer_id, stream.text)
+                        record.update(stream.text)
                 if shown.cut:  # say so now; the model may still be reading the prompt
                     if turn.stored_answer is None:
                         turn.stored_answer = stream.text
-                    self.store.update(answer_id, turn.stored_answer, "stopped")  # stored before it is shown
-                    stream.feed(("\n\n" if stream.text else "") + t("stopped_mark", turn.lang))
+                    record.update(turn.stored_answer, "stopped")  # stored before it is shown
+                    stream.feed(("\n\n" if stream.text.strip() else "") + t("stopped_mark", turn.lang))
                     await stream.finish()
             finally:
                 await shown.drain()

@@ -36,7 +36,19 @@ TEXTS: dict[str, dict[str, str]] = {
     "queued_model": {"en": "⏳ In the queue: {n} ahead of you…", "zh": "⏳ 排队中：前面还有 {n} 个请求……"},
     "loading_model": {"en": "⏳ Loading the model, this can take a minute…", "zh": "⏳ 正在加载模型，可能需要一分钟……"},
     "thinking": {"en": "…", "zh": "…"},
+    "interrupted_mark": {
+        "en": "⚠️ interrupted: the bot restarted while answering. Press Regenerate to ask again.",
+        "zh": "⚠️ 已中断：机器人在回答时重启了。可点击“重新生成”再问一次。",
+    },
     "empty_answer": {"en": "(the model gave an empty answer)", "zh": "（模型没有给出回答）"},
+    "picture_forgotten": {
+        "en": "The picture this conversation was about is no longer available (forgotten after /reset or hours unused), so {persona} answers without it. Send the picture again to ask about it.",
+        "zh": "这段对话所说的图片已不再保存（/reset 后或长时间未使用会被遗忘），现在由{persona}在没有图片的情况下回答。如需询问图片，请重新发送。",
+    },
+    "regenerate_only_latest": {
+        "en": "Only the latest answer can be regenerated. Send the question again to ask it anew.",
+        "zh": "只能重新生成最新的回答。如需重新提问，请再次发送该问题。",
+    },
     "regenerate_nothing": {"en": "There is nothing to regenerate.", "zh": "没有可以重新生成的回答。"},
     # --- input problems -----------------------------------------------------------
     "unknown_command": {"en": "Unknown command /{command}. Send /help for the list.", "zh": "未知命令 /{command}。发送 /help 查看命令列表。"},
@@ -73,6 +85,15 @@ TEXTS: dict[str, dict[str, str]] = {
         "zh": "⚠️ 暂时无法连接模型服务器，请稍后再试。",
     },
     "internal_error": {"en": "⚠️ Something went wrong. Please try again.", "zh": "⚠️ 出了点问题，请重试。"},
+    # --- storage problems (disk full or read-only) ------------------------------------
+    "not_saved": {
+        "en": "⚠️ This answer could not be saved (the bot's storage is full or read-only), so the bot will not remember it.",
+        "zh": "⚠️ 这条回答未能保存（机器人的存储空间已满或只读），之后的对话不会记得它。",
+    },
+    "storage_failed": {
+        "en": "⚠️ That could not be saved: the bot's storage is full or read-only. Please tell the bot's operator.",
+        "zh": "⚠️ 未能保存：机器人的存储空间已满或只读，请告知机器人的管理员。",
+    },
 }
 
 

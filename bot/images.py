@@ -244,16 +244,18 @@ def since_picture(rows: Sequence, attachment: str | None) -> tuple[int, str | No
 
 
 class ImageMemory:
-    """The picture each session is talking about. In RAM only; least recently used pictures
-    are dropped beyond `max_bytes`, and any picture idle for `idle_seconds`."""
+    """The picture each session is talking about. In RAM, least recently used pictures are
+    dropped beyond `max_bytes`, and any picture idle for `idle_seconds`; with `files`
+    (bot/picture_files.py, under DATA_DIR) each is also kept on disk, so it survives a restart."""
 
     def __init__(
         self, max_bytes: int = MEMORY_BYTES, idle_seconds: float = MEMORY_IDLE_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, files=None,
     ) -> None:
         self.max_bytes = max_bytes
         self.idle_seconds = idle_seconds
         self.clock = clock
+        self.files = files
         self._items: OrderedDict[str, Picture] = OrderedDict()
 
     def __len__(self) -> int:
@@ -266,19 +268,27 @@ class ImageMemory:
     def put(self, key: str, token: str, picture: PreparedImage) -> Picture:
         self.forget(key)
         item = self._items[key] = Picture(token, picture, self.clock())
+        if self.files is not None:
+            self.files.save(key, token, picture)
         self._evict()
         return item
 
     def get(self, key: str) -> Picture | None:
         self._evict()
         item = self._items.get(key)
+        if item is None and self.files is not None and (kept := self.files.load(key)) is not None:
+            item = self._items[key] = Picture(kept[0], kept[1], self.clock())  # kept from before a restart
         if item is not None:
             item.used = self.clock()
             self._items.move_to_end(key)
+            if self.files is not None:
+                self.files.touch(key)
         return item
 
     def forget(self, key: str) -> None:
         self._items.pop(key, None)
+        if self.files is not None:
+            self.files.delete(key)
 
     def _evict(self) -> None:
         now = self.clock()
@@ -288,4 +298,7 @@ class ImageMemory:
             if total <= self.max_bytes and now - oldest.used < self.idle_seconds:
                 break
             total -= oldest.nbytes
-            self.forget(key)
+            if now - oldest.used >= self.idle_seconds:
+                self.forget(key)  # expired: gone from disk too
+            else:
+                self._items.pop(key)  # only out of memory: the disk copy has its own cap

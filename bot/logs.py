@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import logging.handlers
 import re
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 from .config import Settings
 from .log_context import FIELDS, ContextFilter
@@ -73,13 +75,62 @@ def redact(text: str, secrets: list[str]) -> str:
     return _TOKEN_IN_URL.sub("/bot***", text)
 
 
+COMPLAIN_EVERY = 60.0  # seconds between two reports of the same failing write
+
+
+class OncePerMinute:
+    """Logs a recurring failure at most once a minute, with how often it happened meanwhile."""
+
+    def __init__(self, logger: logging.Logger, every: float = COMPLAIN_EVERY, clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.every, self.clock = logger, every, clock
+        self._last: float | None = None
+        self._since = 0
+
+    def __call__(self, message: str, *args: object) -> None:
+        self._since += 1
+        now = self.clock()
+        if self._last is not None and now - self._last < self.every:
+            return
+        more = f" ({self._since - 1} more since the last report)" if self._last is not None and self._since > 1 else ""
+        self._last, self._since = now, 0
+        self.logger.error(message + more, *args)
+
+
+class LogFileHandler(logging.handlers.RotatingFileHandler):
+    """A log file that may fail (disk full, read-only): say so on stderr once a minute instead
+    of logging's traceback for every line, and keep going."""
+
+    def __init__(self, path: Path, **kwargs) -> None:
+        super().__init__(path, **kwargs)
+        self._last_complaint: float | None = None
+        self._lost = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._lost += 1
+        now = time.monotonic()
+        if self._last_complaint is not None and now - self._last_complaint < COMPLAIN_EVERY:
+            return
+        self._last_complaint = now
+        error = sys.exc_info()[1]
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            sys.stderr.write(
+                f"{stamp} ERROR bot.logs: cannot write {self.baseFilename}: {error}; "
+                f"{self._lost} log line(s) lost (reported at most once a minute)\n"
+            )
+            sys.stderr.flush()
+        except Exception:
+            pass
+        self._lost = 0
+
+
 def setup_logging(settings: Settings, *, quiet_stderr: bool = False) -> Path:
     """Configure the root logger. `quiet_stderr` (console chat) keeps stderr to warnings."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     path = settings.data_dir / "bot.log"
     secrets = secrets_of(settings)
     formatter = JsonFormatter(secrets) if settings.log_format == "json" else RedactingFormatter(secrets)
-    to_file = logging.handlers.RotatingFileHandler(path, maxBytes=10 * 2**20, backupCount=3, encoding="utf-8")
+    to_file = LogFileHandler(path, maxBytes=10 * 2**20, backupCount=3, encoding="utf-8")
     to_stderr = logging.StreamHandler()
     to_stderr.setLevel(logging.WARNING if quiet_stderr else settings.log_level)
     root = logging.getLogger()

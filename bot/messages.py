@@ -69,6 +69,16 @@ class SurfaceLimits:
     min_edit_interval: float  # seconds between two edits of the same conversation's reply
 
 
+@dataclass
+class AnswerTag:
+    """What an answer's buttons name, given to a surface by `bind(tag)` (optional) before its
+    first write: `stop` identifies this answer for its Stop button (also while it is queued),
+    `answer_id` the stored answer for its Regenerate button (set once the answer starts)."""
+
+    stop: str
+    answer_id: int | None = None
+
+
 class RetryLater(Exception):
     """The platform asked us to slow down (HTTP 429). The stream waits and sends the newest text."""
 
@@ -111,3 +121,13 @@ class ReplySurface(Protocol):
 
     async def typing(self) -> None:
         """Show "typing…"; called about every 4.5 s until the first text is visible."""
+
+    # Optional: `bind(tag: AnswerTag)`, called once before the first write of an answer.
+    # Optional: `reference(handle) -> dict | None`, a JSON-able reference to a message this
+    # surface created, stored with the answer so that after a crash the adapter can still edit
+    # it (bot/recovery.py). Surfaces without one (the console) are simply not marked.
+
+
+class AdapterCannotRun(RuntimeError):
+    """An adapter can never run with this configuration (e.g. the platform rejected the token).
+    Raised from `run`; the message is one line for the operator. Not retried at start."""

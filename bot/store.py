@@ -7,10 +7,12 @@ at start-up were cut by a crash and become "interrupted"; their text so far is k
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -26,13 +28,32 @@ CREATE TABLE IF NOT EXISTS messages (
     content TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'ok',
     attachment TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    reference TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session, persona, id);
 """
 
 # Answers shown to the model again: a stopped or crash-cut answer is still what the user saw.
 VISIBLE = ("ok", "stopped", "interrupted")
+
+
+class StorageError(Exception):
+    """A write to the history failed (disk full, read-only, I/O error); the message says why."""
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def _write(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,9 @@ class HistoryStore:
         self.db.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
+        if "reference" not in columns:  # a database from before answers kept their platform message
+            self.db.execute("ALTER TABLE messages ADD COLUMN reference TEXT")
         self.recovered = self.db.execute(
             "UPDATE messages SET status='interrupted' WHERE status='streaming'"
         ).rowcount
@@ -66,6 +90,7 @@ class HistoryStore:
         row = self.db.execute("SELECT persona FROM sessions WHERE key=?", (session,)).fetchone()
         return row[0] if row else default
 
+    @_write
     def set_persona(self, session: str, persona: str) -> None:
         self.db.execute(
             "INSERT INTO sessions (key, persona, updated) VALUES (?, ?, ?) "
@@ -74,13 +99,34 @@ class HistoryStore:
         )
 
     # -- messages ----------------------------------------------------------------------
-    def add(self, session: str, persona: str, role: str, content: str, *, status: str = "ok", attachment: str | None = None) -> int:
+    @_write
+    def add(
+        self, session: str, persona: str, role: str, content: str, *,
+        status: str = "ok", attachment: str | None = None, reference: str | None = None,
+    ) -> int:
         cur = self.db.execute(
-            "INSERT INTO messages (session, persona, role, content, status, attachment, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (session, persona, role, content, status, attachment, time.time()),
+            "INSERT INTO messages (session, persona, role, content, status, attachment, created, reference) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (session, persona, role, content, status, attachment, time.time(), reference),
         )
         return int(cur.lastrowid)
 
+    @_write
+    def set_reference(self, message_id: int, reference: str | None) -> None:
+        """Where the answer is shown on its platform (JSON, opaque here), to mark it after a crash."""
+        self.db.execute("UPDATE messages SET reference=? WHERE id=?", (reference, message_id))
+
+    def answer_place(self, message_id: int) -> tuple[str, str] | None:
+        """(session, persona) of a stored message, None when it is gone."""
+        return self.db.execute("SELECT session, persona FROM messages WHERE id=?", (message_id,)).fetchone()
+
+    def interrupted_references(self) -> list[tuple[int, str, str]]:
+        """(id, content, reference) of answers cut by a crash whose platform message is not yet marked."""
+        return self.db.execute(
+            "SELECT id, content, reference FROM messages WHERE status='interrupted' AND reference IS NOT NULL ORDER BY id"
+        ).fetchall()
+
+    @_write
     def update(self, message_id: int, content: str, status: str | None = None) -> None:
         if status is None:
             self.db.execute("UPDATE messages SET content=? WHERE id=?", (content, message_id))
@@ -94,9 +140,11 @@ class HistoryStore:
         ).fetchall()
         return [StoredMessage(*row) for row in rows]
 
+    @_write
     def delete_from(self, session: str, persona: str, message_id: int) -> None:
         """Forget a message and everything after it (regenerate)."""
         self.db.execute("DELETE FROM messages WHERE session=? AND persona=? AND id>=?", (session, persona, message_id))
 
+    @_write
     def reset(self, session: str, persona: str) -> int:
         return self.db.execute("DELETE FROM messages WHERE session=? AND persona=?", (session, persona)).rowcount

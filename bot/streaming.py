@@ -68,6 +68,9 @@ class ReplyStream:
         self._typing: asyncio.Task | None = None
         self.writes = 0
         self.retries_after = 0
+        # Told (handle, where its text starts in the answer, a reopened fence) for each new
+        # message, so the core can store where the answer is shown (crash recovery).
+        self.on_placed: Callable[[Any, int, str], None] | None = None
 
     # -- feeding -------------------------------------------------------------------------
     def start(self) -> "ReplyStream":
@@ -145,13 +148,17 @@ class ReplyStream:
 
     # -- writing -------------------------------------------------------------------------
     def _body(self) -> str:
-        if not self.text:
+        # Platforms reject whitespace-only messages ("message text is empty"): until the answer
+        # has visible text, show the status; a whitespace-only remainder is not written.
+        if not self.text.strip():
             return self.status
-        return self._prefix + self.text[self._base :]
+        body = self._prefix + self.text[self._base :]
+        return body if body.strip() else ""
 
     async def _put(self, message: _Message, text: str, phase: Phase) -> None:
         if message.shown == text and phase == "streaming":
             return
+        posted = message.handle is None
         try:
             if message.handle is None:
                 message.handle = await self.surface.post(text, phase=phase)
@@ -161,10 +168,13 @@ class ReplyStream:
             log.info("a reply message is gone; continuing in a new message")
             message.handle = message.shown = None  # a failed repost must not edit the gone one again
             message.handle = await self.surface.post(text, phase=phase)
+            posted = True
         finally:  # the interval counts from the completed write
             self._next_write = self.clock() + self.interval
         self.writes += 1
         message.shown = text
+        if posted and self.on_placed is not None:
+            self.on_placed(message.handle, self._base, self._prefix)
 
     async def _write(self, phase: Phase) -> None:
         body = self._body()
@@ -182,7 +192,7 @@ class ReplyStream:
                 return
             await self._pause()
         if body:
-            await self._put(self.current, body, phase if self.text or phase == "done" else "status")
+            await self._put(self.current, body, phase if self.text.strip() or phase == "done" else "status")
 
     async def _pause(self) -> None:
         wait = self._next_write - self.clock()
@@ -208,7 +218,7 @@ class ReplyStream:
                     pass
                 except Exception:
                     log.exception("stream task failed")
-        if not self.text:
+        if not self.text.strip():  # nothing visible: say so instead of leaving a placeholder
             self.status = empty_text
         for attempt in range(FINAL_ATTEMPTS):
             await self._pause()

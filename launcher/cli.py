@@ -8,12 +8,16 @@ import logging
 import signal
 import sys
 
-from bot.app import role_specs
+from bot.app import App, role_specs
 from bot.config import ROLES, ConfigError, Settings, load_settings
+from bot.datadir import DataDirError, cause, claim
 from bot.logs import setup_logging
+from bot.messages import AdapterCannotRun
 from bot.platforms import PLATFORMS, platform_names
+from bot.store import HistoryStore
+from bot.supervisor import supervise
 
-from .compose import build_app, create_adapters
+from .compose import adapter_factories, build_app
 
 log = logging.getLogger("bot")
 
@@ -33,29 +37,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "check":
         return check(settings)
     platforms = [] if args.mode == "console" else platform_names(settings)
-    setup_logging(settings, quiet_stderr=not platforms)
+    try:  # one process per DATA_DIR, and one that takes writes; else one line, no traceback
+        lock = claim(settings.data_dir)
+        setup_logging(settings, quiet_stderr=not platforms)
+        store = open_store(settings)
+    except DataDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from bot.status_server import ServerStartError
 
     try:
-        asyncio.run(serve(settings, platforms))
+        asyncio.run(serve(settings, platforms, store))
     except KeyboardInterrupt:
         pass
     except ServerStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except AdapterCannotRun as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        lock.release()
     return 0
 
 
-async def serve(settings: Settings, platforms: list[str]) -> None:
-    """Run the adapters until SIGTERM/SIGINT (or end of console input)."""
-    app = build_app(settings)
+def open_store(settings: Settings) -> HistoryStore:
+    try:
+        return HistoryStore(settings.db_path)
+    except Exception as exc:  # sqlite3 errors and OSError: full, read-only, corrupt
+        raise DataDirError(f"DATA_DIR {settings.data_dir.resolve()}: cannot open {settings.db_path.name}: {cause(exc)}") from None
+
+
+async def serve(
+    settings: Settings, platforms: list[str], store: HistoryStore | None = None, *,
+    app: App | None = None, stop: asyncio.Event | None = None,
+) -> None:
+    """Run the adapters until SIGTERM/SIGINT (or end of console input). A dead adapter is
+    restarted while the others serve; `AdapterCannotRun` at start ends the process."""
+    app = app or build_app(settings, store)
     try:
         await app.prepare()
         status = await start_status_server(app, settings) if platforms else None  # not for the local console
     except BaseException:
         app.store.close()
         raise
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM,) if not platforms else (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
@@ -63,18 +89,19 @@ async def serve(settings: Settings, platforms: list[str]) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    adapters = create_adapters(app, settings, platforms)
-    for adapter in adapters:
-        app.health.expect(adapter.name)
-    log.info("starting %s", ", ".join(a.name for a in adapters))
-    tasks = [asyncio.create_task(a.run(stop), name=a.name) for a in adapters]
+    factories = adapter_factories(app, settings, platforms)
+    for name, _ in factories:
+        app.health.expect(name)
+    log.info("starting %s", ", ".join(name for name, _ in factories))
+    tasks = [
+        asyncio.create_task(supervise(name, make, stop, on_failure=_health_reporter(app, name)), name=name)
+        for name, make in factories
+    ]
     stopper = asyncio.create_task(stop.wait())
+    failure: BaseException | None = None
     try:
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not stopper and task.exception():
-                log.error("adapter %s stopped: %r", task.get_name(), task.exception())
-                app.health.adapter(task.get_name(), "failed", str(task.exception())[:200])
+        failure = next((t.exception() for t in done if t is not stopper and t.exception()), None)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=settings.shutdown_grace + 30)
     except asyncio.TimeoutError:
@@ -83,10 +110,17 @@ async def serve(settings: Settings, platforms: list[str]) -> None:
         stopper.cancel()
         for task in tasks:
             task.cancel()
+        for sig in signals:
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
         if status is not None:
             await status.stop()
         app.store.close()
         log.info("stopped")
+    if failure is not None:
+        raise failure
 
 
 async def start_status_server(app, settings: Settings):
@@ -97,6 +131,11 @@ async def start_status_server(app, settings: Settings):
 
     server = StatusServer(app, settings.metrics_host, settings.metrics_port, settings.status_token.get_secret_value())
     return await server.start()
+
+
+def _health_reporter(app: App, name: str):
+    """The status page and /readyz show an adapter that died (and is being restarted) as failed."""
+    return lambda failure: app.health.adapter(name, "failed", failure[:200])
 
 
 def check(settings: Settings) -> int:

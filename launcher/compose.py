@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from typing import Protocol
+from typing import Callable, Protocol
 
 from bot.app import App
 from bot.config import Settings
 from bot.platforms import CONSOLE_ADAPTER, PLATFORMS
+from bot.store import HistoryStore
 
 
 class Adapter(Protocol):
@@ -19,8 +20,8 @@ class Adapter(Protocol):
         """Serve until `stop` is set (or, for the console, end of input)."""
 
 
-def build_app(settings: Settings) -> App:
-    return App(settings)
+def build_app(settings: Settings, store: HistoryStore | None = None) -> App:
+    return App(settings, store=store)
 
 
 def _load(path: str) -> type:
@@ -28,7 +29,15 @@ def _load(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def adapter_factories(app: App, settings: Settings, platforms: list[str]) -> list[tuple[str, Callable[[], Adapter]]]:
+    """(name, factory) per adapter to run, in table order; the console when there is none. A
+    factory, not an adapter: the supervisor replaces an adapter that died with a fresh one."""
+    factories: list[tuple[str, Callable[[], Adapter]]] = [
+        (p.name, lambda cls=_load(p.adapter): cls(app, settings)) for p in PLATFORMS if p.name in platforms
+    ]
+    return factories or [("console", lambda: _load(CONSOLE_ADAPTER)(app))]
+
+
 def create_adapters(app: App, settings: Settings, platforms: list[str]) -> list[Adapter]:
     """One adapter per named platform, in table order; the console when there is none."""
-    adapters: list[Adapter] = [_load(p.adapter)(app, settings) for p in PLATFORMS if p.name in platforms]
-    return adapters or [_load(CONSOLE_ADAPTER)(app)]
+    return [make() for _, make in adapter_factories(app, settings, platforms)]

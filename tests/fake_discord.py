@@ -942,8 +942,8 @@ class FakeDiscord:
         await self.dispatch("INTERACTION_CREATE", self._interaction_payload(interaction, data))
         return interaction
 
-    async def press(self, message: Message, custom_id: str, user: User, *, locale: str = "en-US") -> Interaction:
-        """A user presses a button on a message."""
+    async def press(self, message: Message, custom_id: str, user: User, *, locale: str = "en-US", omit: tuple[str, ...] = ()) -> Interaction:
+        """A user presses a button on a message (`omit`: fields left out, a malformed event)."""
         if custom_id not in message.custom_ids:
             raise AssertionError(f"message {message.id} has no button {custom_id!r} (has {message.custom_ids})")
         channel = self.channel_by_id(message.channel_id)
@@ -952,6 +952,8 @@ class FakeDiscord:
         interaction.source_message = message
         payload = self._interaction_payload(interaction, {"custom_id": custom_id, "component_type": 2})
         payload["message"] = self._message_payload(message)
+        for name in omit:
+            payload.pop(name, None)
         await self.dispatch("INTERACTION_CREATE", payload)
         return interaction
 

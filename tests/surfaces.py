@@ -87,7 +87,7 @@ class RecordingSurface:
     def _check(self, text: str) -> None:
         if self.fail_next:
             raise self.fail_next.pop(0)
-        assert text, "platforms reject empty messages"
+        assert text.strip(), "platforms reject empty and whitespace-only messages"
         assert len(text) <= self.max_length, f"message of {len(text)} characters exceeds {self.max_length}"
 
     async def post(self, text: str, *, phase: str) -> int:

@@ -22,7 +22,8 @@ async def test_chat_ping_streams_pong_into_the_deferred_response(make_app):
         assert interaction.ack_type == 5 and interaction.acked_at - interaction.dispatched_at < 3
         assert original.content == "-# InternLM\npong"
         assert original.content.endswith("pong")
-        assert original.custom_ids == [f"{REGENERATE}{fake.alice.id}"]
+        answer_id = app.store.db.execute("SELECT max(id) FROM messages WHERE role='assistant'").fetchone()[0]
+        assert original.custom_ids == [f"{REGENERATE}{fake.alice.id}:{answer_id}"]  # the asker and the answer
         assert original.writes[0].content == ""  # the "thinking…" placeholder came first
         assert not interaction.ephemeral
         assert fake.errors == []
@@ -115,8 +116,8 @@ async def test_stop_button_is_for_the_asker_only_and_stops_the_answer(make_app):
         await slow_down(app)  # still writing when the buttons are pressed, however fast the machine
         interaction = await fake.slash("chat", fake.alice, prompt="code")
         original = await fake.wait_for(lambda: interaction.original if interaction.original and interaction.original.custom_ids else None)
-        stop_id = f"{STOP}{fake.alice.id}"
-        assert original.custom_ids == [stop_id]
+        (stop_id,) = original.custom_ids  # the asker and this answer's ticket
+        assert stop_id.startswith(f"{STOP}{fake.alice.id}:")
         refused = await fake.press(original, stop_id, fake.bob, locale="zh-CN")
         await fake.wait_for(lambda: refused.original is not None)
         assert refused.ephemeral and refused.original.content == t("discord_not_yours", "zh")
@@ -133,7 +134,8 @@ async def test_regenerate_asks_the_last_question_again(make_app):
     async with stack(make_app) as (fake, app, adapter):
         first = await fake.slash("chat", fake.alice, prompt="ping")
         [original] = await until_done(fake, first)
-        pressed = await fake.press(original, f"{REGENERATE}{fake.alice.id}", fake.alice)
+        (regenerate,) = original.custom_ids
+        pressed = await fake.press(original, regenerate, fake.alice)
         [again] = await until_done(fake, pressed)
         assert again.content == "-# InternLM\npong"
         key = app.session_key(key_of(fake, fake.alice, fake.channel))

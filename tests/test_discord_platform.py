@@ -159,15 +159,14 @@ async def test_the_client_resumes_after_the_gateway_drops(make_app):
 
 
 async def test_a_rejected_token_stops_the_adapter_with_a_clear_log_line(make_app, caplog):
-    import discord
+    from bot.messages import AdapterCannotRun
 
     async with FakeDiscord() as fake:
         app = make_app(discord_bot_token="MTE5.a-wrong-token.that-discord-does-not-know-xyz")
-        with pytest.raises(discord.LoginFailure):
+        with pytest.raises(AdapterCannotRun, match="Discord rejected DISCORD_BOT_TOKEN") as caught:
             async with running(app, fake):
                 pass
-    assert "Discord rejected DISCORD_BOT_TOKEN" in caplog.text
-    assert "a-wrong-token" not in caplog.text
+    assert "a-wrong-token" not in caplog.text and "a-wrong-token" not in str(caught.value)
     assert fake.errors == [("GET", f"{API}/users/@me", 401, 0)]
 
 

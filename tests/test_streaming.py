@@ -163,6 +163,18 @@ async def test_finish_with_no_text_shows_the_empty_text():
     assert surface.messages == ["(nothing)"]
 
 
+async def test_whitespace_only_answer_shows_the_empty_text_and_never_writes_blank():
+    clock, surface, stream = make()
+    stream.set_status("…")
+    await clock.advance(1.1)
+    for delta in (" ", "\n", "\t \n\n"):
+        stream.feed(delta)
+        await clock.advance(1.1)
+    await clock.run_until(stream.finish(empty_text="(nothing)"))
+    assert surface.messages == ["(nothing)"] and surface.phases == ["done"]
+    assert all(w.text.strip() for w in surface.writes)
+
+
 async def test_message_gone_on_final_edit_reposts():
     clock, surface, stream = make()
     stream.feed("hello")

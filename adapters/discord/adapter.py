@@ -12,6 +12,7 @@ mention the bot without MESSAGE_CONTENT.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -23,12 +24,12 @@ import discord
 from bot.app import App
 from bot.config import Settings
 from bot.i18n import t
-from bot.messages import ImageAttachment, Incoming
+from bot.messages import AdapterCannotRun, AnswerTag, ImageAttachment, Incoming, MessageGone
 
 from .api_calls import api_call_trace
 from .commands import I18nTranslator, build_tree, sync_commands
 from .pacing import Pacer, cover_other_requests, within
-from .surface import InteractionSurface, MessageSurface, OwnedButton
+from .surface import DISCORD_MAX, HEADER_RESERVE, InteractionSurface, MessageSurface, OwnedButton, controls
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class _Client(discord.Client):
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s (%s guilds)", self.user, len(self.guilds))
         self.adapter.app.health.adapter("discord", "connected")
+        self.adapter.on_ready()
 
     async def on_resumed(self) -> None:
         self.adapter.app.health.adapter("discord", "connected")
@@ -86,6 +88,7 @@ class DiscordAdapter:
         cover_other_requests(self.client.http, self.pacer)
         self._running: set[asyncio.Task] = set()  # answers in flight, with their surface's closing
         self._closing = False
+        self._recovery: asyncio.Task | None = None
 
     def _interaction_surface(self, incoming: Incoming, interaction: discord.Interaction, received: float) -> InteractionSurface:
         return InteractionSurface(
@@ -120,8 +123,9 @@ class DiscordAdapter:
             except asyncio.CancelledError:
                 pass
             except discord.PrivilegedIntentsRequired:
-                log.error("Discord refused the requested intents")
-                raise
+                raise AdapterCannotRun("Discord refused the requested intents") from None
+        if not stop.is_set():  # the gateway ended by itself: the supervisor starts a fresh adapter
+            raise ConnectionError("the Discord gateway connection ended")
 
     async def _login(self, token: str, stop: asyncio.Event) -> bool:
         """Log in, retrying while Discord cannot be reached; a rejected token is fatal."""
@@ -131,9 +135,8 @@ class DiscordAdapter:
                 await self.client.login(token)
                 return True
             except discord.LoginFailure:
-                log.error("Discord rejected DISCORD_BOT_TOKEN (401); check the token in the developer portal")
                 await self.client.close()
-                raise
+                raise AdapterCannotRun("Discord rejected DISCORD_BOT_TOKEN (401); check the token in the developer portal") from None
             except (OSError, aiohttp.ClientError, discord.DiscordServerError, asyncio.TimeoutError) as exc:
                 log.warning("cannot reach Discord to log in (%s); retrying in %.0f s", type(exc).__name__, delay)
                 try:
@@ -149,11 +152,31 @@ class DiscordAdapter:
         let their surfaces close, then close the connection."""
         self._closing = True
         self.app.health.adapter(self.name, "stopped")
+        if self._recovery is not None and not self._recovery.done():
+            self._recovery.cancel()
         await self.app.drain(self.name)
         if self._running:
             await asyncio.wait(set(self._running), timeout=SURFACE_CLOSE_WAIT)
         await self.client.close()
         log.info("Discord adapter stopped")
+
+    # -- after a crash -------------------------------------------------------------------------------
+    def on_ready(self) -> None:
+        if self._recovery is None:  # once per adapter: on_ready comes again after reconnects
+            self._recovery = asyncio.create_task(self.app.recover("discord", self._repair, DISCORD_MAX - HEADER_RESERVE))
+
+    async def _repair(self, ref: dict, text: str, lang: str, answer_id: int) -> None:
+        """Edit an answer cut by a crash: the interrupted mark, Regenerate instead of Stop."""
+        content = ref.get("header", "") + text
+        view = controls("regen", int(ref["owner"]), lang, AnswerTag(stop="", answer_id=answer_id))
+        if ref["kind"] == "channel":
+            channel = self.client.get_partial_messageable(int(ref["channel"]))
+            await channel.get_partial_message(int(ref["message"])).edit(content=content, view=view)
+            return
+        if time.time() - float(ref["at"]) >= self.token_lifetime - 30:
+            raise MessageGone("its interaction token has expired (15 minutes)")
+        webhook = discord.Webhook.partial(int(ref["app"]), ref["token"], client=self.client)
+        await webhook.edit_message(ref["message"], content=content, view=view)  # type: ignore[arg-type]
 
     async def _serve(self, incoming: Incoming, work: Any) -> None:
         """Run one answer, tracked for shutdown."""
@@ -219,11 +242,11 @@ class DiscordAdapter:
         finally:
             await surface.close()
 
-    async def on_button(self, interaction: discord.Interaction, action: str) -> None:
+    async def on_button(self, interaction: discord.Interaction, action: str, which: str | None = None) -> None:
         received = self.clock()
         incoming = self._from_interaction(interaction, None, "")
         if action == "stop":
-            stopped = self.app.stop_for(incoming)
+            stopped = self.app.stop_for(incoming, which)
             if stopped:
                 await self._urgently(interaction.response.defer)  # the answer itself shows "⏹ stopped"
             else:
@@ -234,7 +257,9 @@ class DiscordAdapter:
             return
         await self._urgently(lambda: interaction.response.defer(thinking=True))
         surface = self._interaction_surface(incoming, interaction, received)
-        await self._serve(incoming, self._answer(incoming, surface, self.app.regenerate))
+        answer_id = int(which) if which and which.isdigit() else None
+        regenerate = functools.partial(self.app.regenerate, answer_id=answer_id)
+        await self._serve(incoming, self._answer(incoming, surface, regenerate))
 
     # -- mentions and DMs ------------------------------------------------------------------------------
     async def on_message(self, message: discord.Message) -> None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import discord
 
 from bot.i18n import t
-from bot.messages import Incoming, MessageGone, Phase, ReplyContext, RetryLater, SurfaceLimits
+from bot.messages import AnswerTag, Incoming, MessageGone, Phase, ReplyContext, RetryLater, SurfaceLimits
 from bot.splitting import split
 
 from . import texts  # noqa: F401  (registers the texts)
@@ -46,22 +47,25 @@ def persona_header(title: str) -> str:
 # -- buttons ---------------------------------------------------------------------------------------
 
 
-class OwnedButton(discord.ui.DynamicItem[discord.ui.Button], template=r"internlm:(?P<action>stop|regen):(?P<owner>\d+)"):
-    """A button only the asker may press; its custom_id says which action and whose answer."""
+class OwnedButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"internlm:(?P<action>stop|regen):(?P<owner>\d+)(?::(?P<which>\w+))?",
+):
+    """A button only the asker may press; its custom_id says which action, whose answer and
+    which answer (Stop: the answer's ticket, also while queued; Regenerate: the stored answer)."""
 
-    def __init__(self, action: str, owner: int, lang: str = "en") -> None:
+    def __init__(self, action: str, owner: int, lang: str = "en", which: str | None = None) -> None:
         stop = action == "stop"
         super().__init__(discord.ui.Button(
             style=discord.ButtonStyle.secondary if stop else discord.ButtonStyle.primary,
             label=t("discord_button_stop" if stop else "discord_button_regenerate", lang),
             emoji="⏹" if stop else "🔄",
-            custom_id=f"internlm:{action}:{owner}",
+            custom_id=f"internlm:{action}:{owner}" + (f":{which}" if which else ""),
         ))
-        self.action, self.owner = action, owner
+        self.action, self.owner, self.which = action, owner, which
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]) -> "OwnedButton":
-        button = cls(match["action"], int(match["owner"]))
+        button = cls(match["action"], int(match["owner"]), which=match["which"])
         button.item.label = item.label  # keep the label the asker saw
         return button
 
@@ -75,7 +79,7 @@ class OwnedButton(discord.ui.DynamicItem[discord.ui.Button], template=r"internlm
         return False
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await interaction.client.adapter.on_button(interaction, self.action)  # type: ignore[attr-defined]
+        await interaction.client.adapter.on_button(interaction, self.action, self.which)  # type: ignore[attr-defined]
 
 
 def button_for(phase: Phase) -> str | None:
@@ -83,11 +87,16 @@ def button_for(phase: Phase) -> str | None:
     return {"status": "stop", "streaming": "stop", "done": "regen"}.get(phase)
 
 
-def controls(action: str | None, owner: int, lang: str) -> discord.ui.View | None:
+def controls(action: str | None, owner: int, lang: str, tag: AnswerTag | None = None) -> discord.ui.View | None:
     if action is None:
         return None
+    which = None
+    if tag is not None:
+        if action == "regen" and tag.answer_id is None:
+            return None  # stopped while queued: nothing was asked, nothing to regenerate
+        which = tag.stop if action == "stop" else str(tag.answer_id)
     view = discord.ui.View(timeout=None)
-    view.add_item(OwnedButton(action, owner, lang))
+    view.add_item(OwnedButton(action, owner, lang, which))
     return view
 
 
@@ -127,6 +136,10 @@ class _Surface:
         self.context: ReplyContext | None = None  # set by the core before the first write
         self.writes = 0
         self._header_used = False
+        self.tag: AnswerTag | None = None  # names this answer in its buttons
+
+    def bind(self, tag: AnswerTag) -> None:
+        self.tag = tag
 
     # -- the ReplySurface protocol ----------------------------------------------------------------
     async def post(self, text: str, *, phase: Phase) -> Posted:
@@ -148,7 +161,7 @@ class _Surface:
         wanted = button_for(phase)
         kwargs: dict[str, Any] = {"content": content}
         if wanted != handle.controls:  # send components only when the button changes
-            kwargs["view"] = controls(wanted, self.owner, self.lang)
+            kwargs["view"] = controls(wanted, self.owner, self.lang, self.tag)
         try:
             await self._paced(phase, self._scope(handle), lambda: self._edit(handle, **kwargs))
         except discord.HTTPException as exc:
@@ -192,7 +205,7 @@ class _Surface:
         content = handle.header + text
         wanted = button_for(phase)
         try:
-            view = controls(wanted, self.owner, self.lang)
+            view = controls(wanted, self.owner, self.lang, self.tag)
             await self._paced(phase, self._scope(None), lambda: self._create(handle, content, view))
         except discord.HTTPException as exc:
             raise _translate(exc) from exc
@@ -211,8 +224,19 @@ def _view_kwargs(view: discord.ui.View | None) -> dict[str, Any]:
     return {"view": view} if view is not None else {}
 
 
+def channel_reference(handle: Posted, owner: int) -> dict | None:
+    if handle.message is None:
+        return None
+    return {"kind": "channel", "channel": handle.message.channel.id, "message": handle.message.id,
+            "owner": owner, "header": handle.header}
+
+
 class MessageSurface(_Surface):
     """Answers a mention or DM: reply to the user's message, then edit the reply."""
+
+    def reference(self, handle: Posted) -> dict | None:
+        """Enough to edit this message after a restart (bot/recovery.py)."""
+        return channel_reference(handle, self.owner)
 
     def __init__(self, incoming: Incoming, message: discord.Message, pacer: Pacer) -> None:
         super().__init__(incoming, message.author.id, pacer)
@@ -251,6 +275,15 @@ class InteractionSurface(_Surface):
         self.expires_at = received_at + token_lifetime
         self.original_written = False
         self.token_dead = False
+        self.received_wall = time.time() - (clock() - received_at)  # token age survives a restart
+
+    def reference(self, handle: Posted) -> dict | None:
+        """Enough to edit this message after a restart, while its token lives (bot/recovery.py)."""
+        if handle.kind == "channel":
+            return channel_reference(handle, self.owner)
+        message = "@original" if handle.kind == "original" else str(handle.message.id)
+        return {"kind": handle.kind, "app": self.interaction.application_id, "token": self.interaction.token,
+                "at": self.received_wall, "message": message, "owner": self.owner, "header": handle.header}
 
     def _token_usable(self) -> bool:
         return not self.token_dead and self.clock() < self.switch_at

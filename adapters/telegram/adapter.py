@@ -23,10 +23,12 @@ from bot.app import App
 from bot.config import Settings
 from bot.i18n import lang_of, t
 from bot.logs import redact
+from bot.messages import AdapterCannotRun, AnswerTag
 
 from . import texts  # noqa: F401  (registers the adapter's texts)
 from .api_calls import count_api_calls
 from .handlers import BotIdentity, incoming_from_callback, incoming_from_message
+from .render import MAX_LENGTH
 from .surface import REGENERATE, STOP, Pacer, TelegramSurface
 from .webhook import WebhookServer
 
@@ -116,7 +118,8 @@ class TelegramAdapter:
         try:
             await application.initialize()  # getMe
         except InvalidToken:
-            raise RuntimeError("Telegram rejected TELEGRAM_BOT_TOKEN (check it with @BotFather)") from None
+            await application.bot.request.shutdown()  # initialize() left its connection open
+            raise AdapterCannotRun("Telegram rejected TELEGRAM_BOT_TOKEN (check it with @BotFather)") from None
         try:
             bot = application.bot
             self.me = BotIdentity(bot.id, bot.username or "")
@@ -126,6 +129,7 @@ class TelegramAdapter:
             log.info("telegram: @%s is ready (%s)", self.me.username, mode)
             self.ready.set()
             self.app.health.adapter(self.name, "connected", mode)
+            self._spawn(self.app.recover("telegram", self._repair, MAX_LENGTH))
             await stop.wait()
             log.info("telegram: stopping")
         finally:
@@ -213,7 +217,8 @@ class TelegramAdapter:
         )
 
     async def _on_button(self, query: CallbackQuery) -> None:
-        kind, _, owner = (query.data or "").partition(":")
+        kind, _, rest = (query.data or "").partition(":")
+        owner, _, which = rest.partition(":")  # which: the answer's Stop ticket / stored id
         incoming = incoming_from_callback(query)
         lang = lang_of(query.from_user.language_code)
         try:
@@ -223,13 +228,23 @@ class TelegramAdapter:
                 log.info("telegram: user %s pressed a button of user %s", query.from_user.id, owner)
                 await query.answer(t("telegram_not_your_button", lang), show_alert=True)
             elif kind == STOP:
-                stopped = self.app.stop_for(incoming)
+                stopped = self.app.stop_for(incoming, which or None)
                 await query.answer(t("stop_done" if stopped else "stop_nothing", lang))
             else:
                 await query.answer()
-                await self.app.regenerate(incoming, self.surface(incoming))
+                answer_id = int(which) if which.isdigit() else None
+                await self.app.regenerate(incoming, self.surface(incoming), answer_id)
         except TelegramError as exc:
             log.warning("telegram: handling a button press failed: %s", exc)
+
+    async def _repair(self, ref: dict, text: str, lang: str, answer_id: int) -> None:
+        """Edit an answer cut by a crash: the interrupted mark, Regenerate instead of Stop."""
+        surface = TelegramSurface(
+            self.application.bot, self.pacer, int(ref["chat"]), is_group=bool(ref.get("group")),
+            owner_id=str(ref["owner"]), lang=lang,
+        )
+        surface.bind(AnswerTag(stop="", answer_id=answer_id))
+        await surface.edit(int(ref["message"]), text, phase="done")
 
     # -- errors ------------------------------------------------------------------------
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:

@@ -20,7 +20,7 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, RetryAfter
 
 from bot.i18n import t
-from bot.messages import MessageGone, Phase, ReplyContext, RetryLater, SurfaceLimits
+from bot.messages import AnswerTag, MessageGone, Phase, ReplyContext, RetryLater, SurfaceLimits
 
 from .pacing import FINAL_BUDGET, GROUP_INTERVAL, MARGIN, PRIVATE_INTERVAL, STREAM_BUDGET, Pacer, Slot
 from .render import MAX_LENGTH, render
@@ -69,6 +69,7 @@ class TelegramSurface:
         self.interval = GROUP_INTERVAL if is_group else PRIVATE_INTERVAL
         # the stream's own spacing (from a write's completion) matches the pacer's
         self.limits = SurfaceLimits(max_length=MAX_LENGTH, min_edit_interval=self.interval + MARGIN)
+        self.tag: AnswerTag | None = None  # names this answer in its buttons
 
     # -- the ReplySurface protocol ----------------------------------------------------
     async def post(self, text: str, *, phase: Phase) -> int:
@@ -93,6 +94,13 @@ class TelegramSurface:
             )
 
         await self._write(text, phase, change)
+
+    def bind(self, tag: AnswerTag) -> None:
+        self.tag = tag
+
+    def reference(self, handle: int) -> dict:
+        """Enough to edit this message after a restart (bot/recovery.py)."""
+        return {"chat": self.chat_id, "message": handle, "owner": self.owner_id, "group": self.is_group}
 
     async def typing(self) -> None:
         # A chat action is not a message and only cosmetic: it takes spare overall budget
@@ -145,11 +153,17 @@ class TelegramSurface:
             self.pacer.release(slot, wrote=wrote)
 
     def _keyboard(self, phase: Phase) -> InlineKeyboardMarkup | None:
+        # callback_data "stop:<asker>:<answer's ticket>" / "regen:<asker>:<answer id>"
+        tag = self.tag
         if phase in STREAMING_PHASES:
-            button = InlineKeyboardButton(t("telegram_stop_button", self.lang), callback_data=f"{STOP}:{self.owner_id}")
+            which = f":{tag.stop}" if tag is not None else ""
+            button = InlineKeyboardButton(t("telegram_stop_button", self.lang), callback_data=f"{STOP}:{self.owner_id}{which}")
         elif phase == "done":
+            if tag is not None and tag.answer_id is None:
+                return None  # stopped while queued: nothing was asked, nothing to regenerate
+            which = f":{tag.answer_id}" if tag is not None else ""
             button = InlineKeyboardButton(
-                t("telegram_regenerate_button", self.lang), callback_data=f"{REGENERATE}:{self.owner_id}"
+                t("telegram_regenerate_button", self.lang), callback_data=f"{REGENERATE}:{self.owner_id}{which}"
             )
         else:
             return None
