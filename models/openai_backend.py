@@ -333,3 +333,17 @@ async def _sleep_unless(cancel: Cancel, seconds: float) -> bool:
         await asyncio.sleep(min(CANCEL_POLL, max(0.0, deadline - time.monotonic())))
     return cancel.is_set
 
+
+
+async def ping(base_url: str, api_key: str = "", timeout: float = 3.0) -> str | None:
+    """None when the server answers `GET /models`; otherwise why not (for readiness checks)."""
+    client = AsyncOpenAI(base_url=base_url.rstrip("/"), api_key=api_key or "none", timeout=timeout, max_retries=0)
+    try:
+        await client.models.list()
+        return None
+    except openai.APIStatusError as exc:
+        return f"the model server at {base_url} answered HTTP {exc.status_code}"
+    except Exception as exc:
+        return f"the model server at {base_url} cannot be reached ({type(exc).__name__})"
+    finally:
+        await client.close()

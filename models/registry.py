@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from .base import Capabilities, Cancel, ChatBackend, ChatMessage, GenerationParams, ModelUnavailable, StreamStats
+from .devices import backend_memory, backend_place
+from .figures import ModelFigures
 from .scheduler import FairScheduler
 
 log = logging.getLogger(__name__)
@@ -79,20 +82,47 @@ class ScheduledModel:
         self.backend: ChatBackend | None = None
         self.last_prompt: list[ChatMessage] = []  # for debugging, tests and benches
         self.last_stats = StreamStats()
+        self.figures = ModelFigures()  # state, load time, memory, tokens: read by the bot's metrics
         self._load_lock = asyncio.Lock()
 
     async def ensure_loaded(self) -> ChatBackend:
         if self.backend is None:
             async with self._load_lock:
                 if self.backend is None:
+                    self.figures.loading()
+                    started = time.perf_counter()
                     try:
                         self.backend = await asyncio.to_thread(self.factory, self.spec)
-                    except ModelUnavailable:
+                    except ModelUnavailable as exc:
+                        self.figures.failed(str(exc))
                         raise
                     except Exception as exc:
                         log.exception("loading %s failed", self.spec.model)
-                        raise ModelUnavailable(f"{self.spec.variable}={self.spec.model} failed to load: {exc}") from exc
+                        self.figures.failed(f"{self.spec.variable}={self.spec.model} failed to load: {exc}")
+                        raise ModelUnavailable(self.figures.error) from exc
+                    self.figures.loaded(time.perf_counter() - started, backend_place(self.backend), backend_memory(self.backend))
         return self.backend
+
+    async def probe(self) -> str | None:
+        """None when the model is loaded or could load now; otherwise why not (for readiness).
+        Looks only: nothing is downloaded or loaded."""
+        if self.figures.state == "failed":
+            return self.figures.error
+        if self.backend is not None or self.figures.state == "loading":
+            return None
+        if self.spec.backend == "openai":
+            if not self.spec.base_url:
+                return f"{self.spec.role.upper()}_BASE_URL is not set"
+            from .openai_backend import ping
+
+            return await ping(self.spec.base_url, self.spec.api_key)
+        from .hub import resolve
+
+        try:
+            await asyncio.to_thread(resolve, self.spec.model, hub=self.spec.hub, variable=self.spec.variable, download=False)
+        except ModelUnavailable as exc:
+            return str(exc)
+        return None
 
     @property
     def capabilities(self) -> Capabilities | None:
@@ -130,15 +160,20 @@ class ScheduledModel:
             stats = stats if stats is not None else StreamStats()
             self.last_prompt, self.last_stats = prompt, stats
             options = {"skip_special_tokens": False} if special_tokens and backend.capabilities.special_tokens else {}
-            async with aclosing(backend.stream(prompt, params=params, cancel=cancel, stats=stats, **options)) as deltas:
-                async for delta in deltas:
-                    yield delta
+            started = time.perf_counter()
+            try:
+                async with aclosing(backend.stream(prompt, params=params, cancel=cancel, stats=stats, **options)) as deltas:
+                    async for delta in deltas:
+                        yield delta
+            finally:
+                self.figures.stream_done(stats.completion_tokens, time.perf_counter() - started)
 
 
 class ModelHub:
     """The roles of one bot process."""
 
     def __init__(self, specs: dict[str, RoleSpec], factory: Callable[[RoleSpec], ChatBackend] = build_backend) -> None:
+        self.specs = specs
         self._shared: dict[tuple, ScheduledModel] = {}
         self._by_role: dict[str, ScheduledModel] = {}
         for role, spec in specs.items():
@@ -165,6 +200,14 @@ class ModelHub:
                 log.warning("%s is not ready (%s); will retry on first use", model.spec.variable, exc)
             if model.backend is not None and hasattr(model.backend, "prepare"):
                 model.backend.prepare()
+
+    @property
+    def models(self) -> list[ScheduledModel]:
+        """Each shared model once."""
+        return list(self._shared.values())
+
+    def roles_of(self, model: ScheduledModel) -> list[str]:
+        return [role for role, m in self._by_role.items() if m is model]
 
     @property
     def loaded(self) -> list[ScheduledModel]:

@@ -25,6 +25,7 @@ from bot.config import Settings
 from bot.i18n import t
 from bot.messages import ImageAttachment, Incoming
 
+from .api_calls import api_call_trace
 from .commands import I18nTranslator, build_tree, sync_commands
 from .pacing import Pacer, cover_other_requests, within
 from .surface import InteractionSurface, MessageSurface, OwnedButton
@@ -46,6 +47,14 @@ class _Client(discord.Client):
 
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s (%s guilds)", self.user, len(self.guilds))
+        self.adapter.app.health.adapter("discord", "connected")
+
+    async def on_resumed(self) -> None:
+        self.adapter.app.health.adapter("discord", "connected")
+
+    async def on_disconnect(self) -> None:
+        if not self.adapter._closing:
+            self.adapter.app.health.adapter("discord", "disconnected", "gateway connection lost; reconnecting")
 
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
@@ -70,6 +79,7 @@ class DiscordAdapter:
         self.client = _Client(
             self, intents=intents, allowed_mentions=discord.AllowedMentions.none(),  # model text never pings
             guild_ready_timeout=guild_ready_timeout,
+            http_trace=api_call_trace(lambda method, result: app.metrics.api_call("discord", method, result)),
         )
         self.tree = build_tree(self.client, self.app.menu(self.name), self.on_command)
         self.pacer = Pacer()  # every request of the bot takes its place here (pacing.py)
@@ -138,6 +148,7 @@ class DiscordAdapter:
         """Take no new work, let the core drain the answers in flight (its one shutdown policy),
         let their surfaces close, then close the connection."""
         self._closing = True
+        self.app.health.adapter(self.name, "stopped")
         await self.app.drain(self.name)
         if self._running:
             await asyncio.wait(set(self._running), timeout=SURFACE_CLOSE_WAIT)
