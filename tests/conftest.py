@@ -10,6 +10,9 @@ import pytest
 # Nothing in the tests may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Bots started by the tests (also `python -m launcher` child processes) serve their metrics and
+# status page on a free port, never the default 9464: runs on one machine must not collide.
+os.environ["METRICS_PORT"] = "0"
 # One torch thread, set explicitly (here and for child processes such as `python -m launcher`): the
 # tiny models gain nothing from more, and on a busy machine extra threads only spin and wait.
 TORCH_THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
