@@ -10,9 +10,9 @@ import pytest
 # Nothing in the tests may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# The status server is on by default (port 9464); tests that want it pick a free port, so runs
-# beside one another (or beside a real bot) never collide on it. Bots started as processes inherit this.
-os.environ["METRICS_PORT"] = ""
+# Bots started by the tests (also `python -m launcher` child processes) serve their metrics and
+# status page on a free port, never the default 9464: runs on one machine must not collide.
+os.environ["METRICS_PORT"] = "0"
 # One torch thread, set explicitly (here and for child processes such as `python -m launcher`): the
 # tiny models gain nothing from more, and on a busy machine extra threads only spin and wait.
 TORCH_THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
@@ -69,7 +69,6 @@ def make_settings(tmp_path, tiny_chat_model, tiny_bajie_model):
             temperature=0.0,
             max_new_tokens=64,
             max_context_tokens=2048,
-            metrics_port=None,
         )
         values.update(overrides)
         return Settings(_env_file=None, **values)
