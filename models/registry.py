@@ -31,8 +31,10 @@ class RoleSpec:
     api_key: str = ""
     device: str = "auto"
     dtype: str = "auto"
-    max_concurrency: int = 1
+    max_concurrency: int = 1  # in-process text models: the batch size
     max_context_tokens: int = 8192
+    kv_cache_mb: int = 4096  # in-process text models: KV cache budget per loaded model
+    generation_host: str = "process"  # in-process text models: process | thread
     timeout: float = 120.0
     max_retries: int = 3
 
@@ -61,19 +63,26 @@ def build_backend(spec: RoleSpec) -> ChatBackend:
                 path, model=spec.model, variable=spec.variable, device=spec.device, dtype=spec.dtype,
                 max_context_tokens=spec.max_context_tokens,
             )
-        backend = TransformersBackend(path, device=spec.device, dtype=spec.dtype, max_context_tokens=spec.max_context_tokens)
+        backend = TransformersBackend(
+            path, device=spec.device, dtype=spec.dtype, max_context_tokens=spec.max_context_tokens,
+            max_batch=spec.max_concurrency, kv_cache_mb=spec.kv_cache_mb, host=spec.generation_host,
+        )
         backend.load()
         return backend
     raise ModelUnavailable(f"{spec.role.upper()}_BACKEND={spec.backend} is not supported")
 
 
 class ScheduledModel:
-    """A backend behind a fair queue, loaded on first use."""
+    """A backend behind a fair queue, loaded on first use.
+
+    In-process text models batch up to `max_concurrency` answers within their KV cache budget;
+    in-process vision models answer one at a time; servers take `max_concurrency` requests."""
 
     def __init__(self, spec: RoleSpec, factory: Callable[[RoleSpec], ChatBackend] = build_backend) -> None:
         self.spec = spec
         self.factory = factory
-        self.scheduler = FairScheduler(spec.max_concurrency)
+        one_at_a_time = spec.role == "vision" and spec.backend == "transformers"
+        self.scheduler = FairScheduler(1 if one_at_a_time else spec.max_concurrency)
         self.backend: ChatBackend | None = None
         self.last_prompt: list[ChatMessage] = []  # for debugging, tests and benches
         self.last_stats = StreamStats()
@@ -84,7 +93,9 @@ class ScheduledModel:
             async with self._load_lock:
                 if self.backend is None:
                     try:
-                        self.backend = await asyncio.to_thread(self.factory, self.spec)
+                        backend = await asyncio.to_thread(self.factory, self.spec)
+                        self.scheduler.budget = getattr(backend, "kv_budget_tokens", None)
+                        self.backend = backend
                     except ModelUnavailable:
                         raise
                     except Exception as exc:
@@ -117,15 +128,35 @@ class ScheduledModel:
         if self.backend is None:
             notify("loading", 0)
         backend = await self.ensure_loaded()
-        async with self.scheduler.slot(tenant, lambda n: notify("queued", n) if n else notify("running", 0)):
+        prompt = messages(backend) if callable(messages) else messages
+        reserve = getattr(backend, "reserve_tokens", None)
+        cost = reserve(prompt, params) if reserve is not None else 0
+        async with self.scheduler.slot(tenant, lambda n: notify("queued", n) if n else notify("running", 0), cost=cost):
             if cancel.is_set:
                 return
-            prompt = messages(backend) if callable(messages) else messages
             stats = stats if stats is not None else StreamStats()
             self.last_prompt, self.last_stats = prompt, stats
             async with aclosing(backend.stream(prompt, params=params, cancel=cancel, stats=stats, **backend_options)) as deltas:
                 async for delta in deltas:
                     yield delta
+
+
+    def metrics(self) -> dict[str, float]:
+        """For logs and monitoring: answers waiting and running, and the engine's figures
+        (batch size, decode tokens/s, tokens generated) for in-process text models."""
+        values: dict[str, float] = {"queued": self.scheduler.waiting, "running": self.scheduler.active}
+        engine = getattr(self.backend, "metrics", None)
+        if engine is not None:
+            values.update(batch_size=engine.batch_size, tokens_per_s=engine.tokens_per_s, tokens_total=engine.tokens)
+        if self.scheduler.budget is not None:
+            values.update(kv_budget_tokens=self.scheduler.budget, kv_reserved_tokens=self.scheduler.reserved)
+        return values
+
+    def close(self) -> None:
+        """Stop the model's generation process (if any)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
 
 class ModelHub:
@@ -150,3 +181,7 @@ class ModelHub:
     @property
     def loaded(self) -> list[ScheduledModel]:
         return [m for m in self._shared.values() if m.backend is not None]
+
+    def close(self) -> None:
+        for model in self.loaded:
+            model.close()

@@ -1,155 +1,158 @@
-"""In-process generation with transformers: `generate` on a worker thread, deltas bridged to
-asyncio, cancellation through a stopping criterion checked after every token."""
+"""In-process text models with transformers, served by continuous batching.
+
+The tokenizer lives here (prompts, token counts, decoding); the model lives with its
+`BatchEngine` in a generation process (or thread, see models/generation_host.py). A stream
+sends its prompt ids and sampling settings, then reads its token ids as the engine produces
+them, one message per decode step for the whole batch, and turns them into text here: its own
+stop strings, cancellation (/stop reaches the engine at once through the `Cancel`'s callback),
+token budget and special-token policy. Answers of different users decode together.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import sys
-import threading
 import time
-from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoTokenizer
 
 from .base import Cancel, ChatMessage, GenerationParams, ModelError, StreamStats
-from .devices import describe_memory, pick_device, pick_dtype
+from .batching import ERROR, Job
+from .decoding import IncrementalDecoder, first_stop
+from .devices import pick_device, pick_dtype
+from .generation_host import HOSTS, WorkerSpec
+from .thread_stream import sampling_kwargs, stream_from_thread  # noqa: F401  (re-exported for vision)
 
 log = logging.getLogger(__name__)
 
-_END = object()
-SWITCH_INTERVAL = 0.001  # seconds; CPython's default is 0.005
 END_OF_TURN_TOKENS = ("<|im_end|>",)
+DEFAULT_KV_CACHE_MB = 4096
 
 
-class _CancelCriterion(StoppingCriteria):
-    """Checked after every token: the caller's /stop, or the consumer having gone away."""
+class _Request:
+    """One stream's view of its row in the engine: token ids not yet read, and how it ended."""
 
-    def __init__(self, *flags: Cancel) -> None:
-        self.flags = flags
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:  # type: ignore[override]
-        stop = any(flag.is_set for flag in self.flags)
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-
-class IncrementalDecoder:
-    """Turns token ids into text deltas without re-decoding the whole answer each step and
-    without emitting half a UTF-8 character (byte-level tokens can split one)."""
-
-    def __init__(self, tokenizer, skip_special_tokens: bool, skip_ids: set[int]) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special = skip_special_tokens
-        self.skip_ids = skip_ids
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-
-    def push(self, token_ids: list[int]) -> str:
-        self.ids.extend(t for t in token_ids if t not in self.skip_ids)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip_special)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip_special)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            return full[len(prefix) :]
-        return ""
-
-
-class _Mailbox:
-    """Hands deltas from the generating thread to the event loop with at most one pending
-    wake-up: when the loop is busy, deltas pile up and are taken together, so the worker
-    and the loop do not trade the GIL once per token."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.lock = threading.Lock()
-        self.items: list = []
+    def __init__(self, rid: int) -> None:
+        self.rid = rid
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.error: str | None = None
+        self.cancel_sent = False
         self.ready = asyncio.Event()
+        self.finished = asyncio.Event()
 
-    def put(self, item) -> None:  # worker thread
-        with self.lock:
-            self.items.append(item)
-            wake = len(self.items) == 1
-        if wake:
-            self.loop.call_soon_threadsafe(self.ready.set)
+    def feed(self, token: int, finish: str | None, error: str | None) -> None:
+        if token >= 0:
+            self.tokens.append(token)
+        if finish is not None and self.finish is None:
+            self.finish, self.error = finish, error
+            self.finished.set()
+        self.ready.set()
 
-    async def take(self) -> list:  # event loop
+    async def take(self) -> tuple[list[int], str | None]:
         await self.ready.wait()
-        with self.lock:
-            items, self.items = self.items, []
-            self.ready.clear()
-        return items
+        self.ready.clear()
+        tokens, self.tokens = self.tokens, []
+        return tokens, self.finish
 
 
-class _AsyncStreamer:
-    """A transformers streamer whose `put` decodes new tokens and posts the text delta."""
+class EngineMetrics:
+    """What the engine reports, for logs and metrics: batch size, decode speed, totals."""
 
-    def __init__(self, decoder: IncrementalDecoder, mailbox: _Mailbox) -> None:
-        self.decoder = decoder
-        self.mailbox = mailbox
-        self.prompt_seen = False
+    def __init__(self) -> None:
+        self.batch_size = 0
+        self.steps = 0
         self.tokens = 0
+        self.decode_seconds = 0.0
+        self.tokens_per_s = 0.0  # moving average of the decode steps' aggregate speed
 
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        ids = value.reshape(-1).tolist()
-        self.tokens += len(ids)
-        delta = self.decoder.push(ids)
-        if delta:
-            self.mailbox.put(delta)
-
-    def end(self) -> None:
-        pass
+    def step(self, events: list, batch: int, seconds: float) -> None:
+        self.tokens += sum(1 for e in events if e[1] >= 0)
+        if seconds > 0:
+            self.steps += 1
+            self.decode_seconds += seconds
+            speed = batch / seconds
+            self.tokens_per_s = speed if self.steps == 1 else 0.9 * self.tokens_per_s + 0.1 * speed
 
 
 class TransformersBackend:
-    """One loaded checkpoint. Thread-safe for concurrent `stream` calls."""
+    """One loaded checkpoint, shared by any number of concurrent `stream` calls."""
 
-    def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto", max_context_tokens: int = 8192) -> None:
-        self.path = path
-        self.name = path
+    def __init__(
+        self, path: str, *, device: str = "auto", dtype: str = "auto", max_context_tokens: int = 8192,
+        max_batch: int = 16, kv_cache_mb: int = DEFAULT_KV_CACHE_MB, host: str = "process",
+    ) -> None:
+        if host not in HOSTS:
+            raise ValueError(f"unknown generation host {host!r} (process or thread)")
+        self.path = self.name = path
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.max_context_tokens = max_context_tokens
+        self.max_batch = max_batch
+        self.kv_cache_mb = kv_cache_mb
+        self.host_kind = host
         self.tokenizer = None
-        self.model = None
         self.context_window = max_context_tokens
-        self.last_worker: threading.Thread | None = None  # tests assert that it stopped
+        self.kv_budget_tokens: int | None = None
+        self.eos_ids: list[int] = []
+        self.metrics = EngineMetrics()
+        self._host = None
+        self._requests: dict[int, _Request] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._restart: asyncio.Lock | None = None
 
     # -- loading -------------------------------------------------------------------------
     def load(self) -> None:
-        # generate() holds the GIL between kernel launches; a short switch interval lets the
-        # event loop (streaming edits, other users' commands) in without stalling the worker.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        """Tokenizer here, model in the generation host; blocking (runs off the event loop)."""
         started = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=True)
-        model = AutoModelForCausalLM.from_pretrained(self.path, trust_remote_code=True, torch_dtype=self.dtype)
-        self.model = model.to(self.device).eval()
-        limit = getattr(model.config, "max_position_embeddings", None) or self.max_context_tokens
-        self.context_window = min(self.max_context_tokens, int(limit))
-        self.eos_ids = self._end_of_turn_ids()
+        info = self._start_host()
+        limit = info["max_positions"] or self.max_context_tokens
+        self.context_window = min(self.max_context_tokens, limit)
+        self.kv_budget_tokens = max(self.context_window, self.kv_cache_mb * 2**20 // info["kv_bytes_per_token"])
+        self.eos_ids = self._end_of_turn_ids(info["eos_ids"])
         log.info(
-            "loaded %s on %s (%s) in %.1fs, %s",
-            self.path, self.device, str(self.dtype).removeprefix("torch."),
-            time.perf_counter() - started, describe_memory(self.model, self.device),
+            "loaded %s on %s (%s) in %.1fs, %s; batches up to %d answers in a %s, KV cache budget %d tokens "
+            "(%d MiB, %d bytes/token, %s)",
+            self.path, self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - started,
+            info["memory"], self.max_batch, self.host_kind, self.kv_budget_tokens, self.kv_cache_mb,
+            info["kv_bytes_per_token"], info["cache"],
         )
 
-    def _end_of_turn_ids(self) -> list[int]:
-        ids: set[int] = set()
+    def _start_host(self) -> dict:
+        spec = WorkerSpec(
+            path=self.path, device=self.device, dtype=str(self.dtype).removeprefix("torch."), max_batch=self.max_batch,
+            torch_threads=torch.get_num_threads() if self.device == "cpu" else 0,
+        )
+        host = HOSTS[self.host_kind](spec, self._on_message, self._on_exit)
+        info = host.start()
+        self._host = host
+        return info
+
+    def _end_of_turn_ids(self, configured: list[int]) -> list[int]:
+        ids = set(int(i) for i in configured)
         if self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
-        configured = getattr(self.model.generation_config, "eos_token_id", None)
-        if configured is not None:
-            ids.update([configured] if isinstance(configured, int) else configured)
         vocab = self.tokenizer.get_vocab()
         ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
         return sorted(ids)
+
+    @property
+    def model(self):
+        """The model object when it runs on a thread of this process (None in a process)."""
+        return getattr(self._host, "model", None)
+
+    @property
+    def worker_pid(self) -> int | None:
+        return getattr(self._host, "pid", None)
+
+    def close(self) -> None:
+        if self._host is not None:
+            self._host.close()
 
     # -- prompting -----------------------------------------------------------------------
     def encode(self, messages: list[ChatMessage]) -> list[int]:
@@ -159,6 +162,15 @@ class TransformersBackend:
 
     def count_tokens(self, messages: list[ChatMessage]) -> int:
         return len(self.encode(messages))
+
+    def answer_budget(self, prompt_tokens: int, params: GenerationParams) -> int:
+        """New tokens this answer may take: its own limit, within the context window."""
+        return min(params.max_new_tokens, self.context_window - prompt_tokens)
+
+    def reserve_tokens(self, messages: list[ChatMessage], params: GenerationParams) -> int:
+        """KV cache entries an answer may need at most (for admission under the budget)."""
+        prompt = self.count_tokens(messages)
+        return prompt + max(0, self.answer_budget(prompt, params))
 
     # -- generation ----------------------------------------------------------------------
     async def stream(
@@ -170,112 +182,116 @@ class TransformersBackend:
         stats: StreamStats | None = None,
         skip_special_tokens: bool = True,
     ) -> AsyncIterator[str]:
-        if self.model is None:
+        if self.tokenizer is None:
             raise ModelError(f"model {self.path} is not loaded")
-        input_ids = torch.tensor([self.encode(messages)], device=self.device)
-        kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.eos_ids[0],
-            **sampling_kwargs(params),
-        )
-
-        def generate(bridge: dict) -> None:
-            self.model.generate(**kwargs, **bridge)
-
-        deltas = stream_from_thread(
-            generate, tokenizer=self.tokenizer, eos_ids=self.eos_ids, params=params, cancel=cancel, stats=stats,
-            prompt_tokens=int(input_ids.shape[1]), name=self.path, skip_special_tokens=skip_special_tokens,
-            on_worker=self._started,
-        )
-        async with aclosing(deltas):
-            async for delta in deltas:
-                yield delta
-
-    def _started(self, worker: threading.Thread) -> None:
-        self.last_worker = worker
-
-
-def sampling_kwargs(params: GenerationParams) -> dict:
-    """`generate` arguments for the length and sampling of `params`."""
-    kwargs: dict = dict(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy)
-    if not params.greedy:
-        kwargs.update(temperature=params.temperature, top_p=params.top_p)
-    else:  # silence "temperature is set but do_sample is False" from checkpoint defaults
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    return kwargs
-
-
-async def stream_from_thread(
-    generate: Callable[[dict], object],
-    *,
-    tokenizer,
-    eos_ids: list[int],
-    params: GenerationParams,
-    cancel: Cancel,
-    stats: StreamStats | None,
-    prompt_tokens: int,
-    name: str,
-    skip_special_tokens: bool = True,
-    on_worker: Callable[[threading.Thread], None] | None = None,
-) -> AsyncIterator[str]:
-    """Run `generate(bridge)` on a worker thread and yield its text deltas.
-
-    `generate` must pass `bridge` (a `streamer` and `stopping_criteria`) on to the model's
-    `generate`; any backend whose generation takes those (plain causal LMs, LLaVA-style VLMs,
-    XComposer2's remote `chat`) shares this cancellation and stop-string handling."""
-    loop = asyncio.get_running_loop()
-    mailbox = _Mailbox(loop)
-    decoder = IncrementalDecoder(tokenizer, skip_special_tokens, set(eos_ids))
-    streamer = _AsyncStreamer(decoder, mailbox)
-    finished = loop.create_future()
-    consumer_gone = Cancel()
-    bridge = dict(streamer=streamer, stopping_criteria=StoppingCriteriaList([_CancelCriterion(cancel, consumer_gone)]))
-
-    def work() -> None:
-        error: BaseException | None = None
+        ids = self.encode(messages)
+        budget = self.answer_budget(len(ids), params)
+        if budget < 1:
+            raise ModelError(f"the prompt ({len(ids)} tokens) fills the {self.context_window}-token context")
+        host = await self._running_host()
+        rid = next(self._ids)
+        request = self._requests[rid] = _Request(rid)
+        job = Job(rid, ids, budget, temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p,
+                  eos=frozenset(self.eos_ids))
+        decoder = IncrementalDecoder(self.tokenizer, skip_special_tokens, set(self.eos_ids))
+        host.send(("add", job))
+        unsubscribe = _on_cancel(cancel, lambda: self._cancel(request))
+        produced, text = 0, ""
         try:
-            with torch.inference_mode():
-                generate(bridge)
-        except BaseException as exc:  # reported to the consumer, never lost in the thread
-            error = exc
-        mailbox.put(error if error else _END)
-        loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+            while True:
+                tokens, finish = await request.take()
+                produced += len(tokens)
+                if cancel.is_set:  # /stop: nothing more is shown; the engine drops the row
+                    self._cancel(request)
+                    if finish is not None:
+                        return
+                    continue
+                if finish == ERROR:
+                    log.error("generation failed in %s: %s", self.path, request.error)
+                    if delta := decoder.push(tokens):
+                        yield delta
+                    raise ModelError(request.error or "generation failed")
+                delta = decoder.push(tokens) + (decoder.flush() if finish else "")
+                text += delta
+                hit = first_stop(text, params.stop)
+                if hit is not None:
+                    delta = delta[: max(0, len(delta) - (len(text) - hit))]
+                if delta:
+                    yield delta
+                if finish is not None or hit is not None:
+                    return
+        finally:
+            unsubscribe()
+            if request.finish is None and host is self._host:
+                self._cancel(request)  # a stop string, or the consumer went away
+                await asyncio.shield(request.finished.wait())
+            self._requests.pop(rid, None)
+            if stats is not None:
+                stats.prompt_tokens = len(ids)
+                stats.completion_tokens = produced
 
-    worker = threading.Thread(target=work, name=f"generate:{name}", daemon=True)
-    if on_worker is not None:
-        on_worker(worker)
-    worker.start()
-    text = ""
-    try:
-        done = False
-        while not done:
-            items = await mailbox.take()
-            if isinstance(items[-1], BaseException):
-                log.error("generation failed in %s: %r", name, items[-1])
-                if len(items) > 1:
-                    yield "".join(items[:-1])
-                raise ModelError(str(items[-1])) from items[-1]
-            done = items[-1] is _END
-            delta = "".join(items[:-1] if done else items)
-            text += delta
-            hit = _first_stop(text, params.stop)
-            if hit is not None:
-                delta = delta[: max(0, len(delta) - (len(text) - hit))]
-                done = True
-            if delta:
-                yield delta
-    finally:
-        # Runs on normal end, on a stop string, and when the consumer is cancelled:
-        # the model is free only once the worker has really returned.
-        consumer_gone.set()
-        await asyncio.shield(finished)
-        if stats is not None:
-            stats.prompt_tokens = prompt_tokens
-            stats.completion_tokens = streamer.tokens
+    def _cancel(self, request: _Request) -> None:
+        """Ask the engine to drop this row (any thread; at most once)."""
+        if request.cancel_sent or request.finish is not None:
+            return
+        request.cancel_sent = True
+        host = self._host
+        if host is not None:
+            try:
+                host.send(("cancel", request.rid))
+            except (OSError, ValueError):
+                pass  # the process is gone; _on_exit ends the request
+
+    async def _running_host(self):
+        """The generation host, started again if it died (e.g. killed for memory)."""
+        if self._host is None or not self._host.alive:
+            if self._restart is None:
+                self._restart = asyncio.Lock()
+            async with self._restart:
+                if self._host is None or not self._host.alive:
+                    log.warning("restarting the generation %s of %s", self.host_kind, self.path)
+                    await asyncio.to_thread(self._start_host)
+        self._host.attach(asyncio.get_running_loop())
+        return self._host
+
+    async def call_in_worker(self, fn: Callable, *args):
+        """`fn(model, *args)` where the model lives, between decode steps (fn must be picklable
+        for a process host: a module-level function). For tests, benches and diagnostics."""
+        host = await self._running_host()
+        call_id = next(self._ids)
+        future = self._calls[call_id] = asyncio.get_running_loop().create_future()
+        host.send(("call", call_id, fn, args))
+        return await future
+
+    # -- messages from the engine (on the event loop) -------------------------------------
+    def _on_message(self, message: tuple) -> None:
+        if message[0] == "events":
+            _, events, batch, seconds = message
+            self.metrics.step(events, batch, seconds)
+            self.metrics.batch_size = batch
+            for rid, token, finish, error in events:
+                request = self._requests.get(rid)
+                if request is not None:
+                    request.feed(token, finish, error)
+        elif message[0] == "result":
+            _, call_id, value, error = message
+            future = self._calls.pop(call_id, None)
+            if future is not None and not future.done():
+                future.set_exception(ModelError(error)) if error else future.set_result(value)
+
+    def _on_exit(self, reason: str) -> None:
+        """The generation process died: end its answers (model-failed); the next stream restarts it."""
+        log.error("%s: %s; %d answers in flight end with an error", self.path, reason, len(self._requests))
+        self.metrics.batch_size = 0
+        for request in list(self._requests.values()):
+            request.feed(-1, ERROR, reason)
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(ModelError(reason))
+        self._calls.clear()
 
 
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
+def _on_cancel(cancel: Cancel, callback: Callable[[], None]) -> Callable[[], None]:
+    """Run `callback` as soon as `cancel` is set (any thread); returns the unsubscribe."""
+    subscribe = getattr(cancel, "on_set", None)
+    return subscribe(callback) if subscribe is not None else (lambda: None)
