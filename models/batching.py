@@ -251,7 +251,7 @@ class Channel(Protocol):
 def serve(engine: BatchEngine, channel: Channel, on_call: Callable[[tuple], tuple] | None = None) -> None:
     """Run commands and decode steps until "close". Commands: ("add", Job), ("cancel", rid),
     ("call", id, fn, args) → fn(model, *args) in this loop; ("close",). Messages out:
-    ("events", [Event...], batch size, step seconds) and ("result", id, value, error)."""
+    ("events", [Event...], rows left in the batch, decode step seconds) and ("result", id, value, error)."""
     with torch.inference_mode():
         while True:
             for command in channel.receive(block=not engine.busy):
@@ -270,9 +270,8 @@ def serve(engine: BatchEngine, channel: Channel, on_call: Callable[[tuple], tupl
                 channel.send(("events", events, len(engine.rows), 0.0))
             if engine.rows:
                 started = time.perf_counter()
-                batch = len(engine.rows)
                 events = engine.step()
-                channel.send(("events", events, batch, time.perf_counter() - started))
+                channel.send(("events", events, len(engine.rows), time.perf_counter() - started))
 
 
 def _call(engine: BatchEngine, command: tuple) -> tuple:

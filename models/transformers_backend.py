@@ -69,12 +69,14 @@ class EngineMetrics:
         self.decode_seconds = 0.0
         self.tokens_per_s = 0.0  # moving average of the decode steps' aggregate speed
 
-    def step(self, events: list, batch: int, seconds: float) -> None:
-        self.tokens += sum(1 for e in events if e[1] >= 0)
-        if seconds > 0:
+    def update(self, events: list, rows: int, seconds: float) -> None:
+        tokens = sum(1 for e in events if e[1] >= 0)
+        self.tokens += tokens
+        self.batch_size = rows
+        if seconds > 0:  # a decode step (prefills report 0)
             self.steps += 1
             self.decode_seconds += seconds
-            speed = batch / seconds
+            speed = tokens / seconds
             self.tokens_per_s = speed if self.steps == 1 else 0.9 * self.tokens_per_s + 0.1 * speed
 
 
@@ -145,6 +147,11 @@ class TransformersBackend:
     def model(self):
         """The model object when it runs on a thread of this process (None in a process)."""
         return getattr(self._host, "model", None)
+
+    @property
+    def in_flight(self) -> int:
+        """Streams whose rows the engine has not yet reported finished."""
+        return len(self._requests)
 
     @property
     def worker_pid(self) -> int | None:
@@ -266,9 +273,8 @@ class TransformersBackend:
     # -- messages from the engine (on the event loop) -------------------------------------
     def _on_message(self, message: tuple) -> None:
         if message[0] == "events":
-            _, events, batch, seconds = message
-            self.metrics.step(events, batch, seconds)
-            self.metrics.batch_size = batch
+            _, events, rows, seconds = message
+            self.metrics.update(events, rows, seconds)
             for rid, token, finish, error in events:
                 request = self._requests.get(rid)
                 if request is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from adapters.console import ConsoleAdapter, ConsoleSurface
 from bot.messages import Incoming
 from bot.personas import BAJIE_SYSTEM_PROMPT, INTERNLM_SYSTEM_PROMPT
+from tests import worker_hooks
 from tests.surfaces import RecordingSurface
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,13 +107,12 @@ async def test_stop_ends_generation_within_a_token_and_frees_the_model(make_app)
         await asyncio.sleep(0.01)
         if surface.messages and surface.messages[0].count("print") >= 3:
             break
-    worker = model.backend.last_worker
-    assert worker.is_alive()
+    backend = model.backend
+    assert backend.in_flight == 1 and backend.metrics.batch_size == 1
     shown_at_stop = surface.messages[0]
     assert app.stop(app.session_key(question))
-    worker.join(timeout=5)
-    assert not worker.is_alive()  # the generate() thread itself returned
     await asyncio.wait_for(task, 10)
+    assert backend.in_flight == 0 and backend.metrics.batch_size == 0  # the engine dropped the row
     final = surface.messages[-1]
     assert final.endswith("⏹ stopped")
     stored = app.store.history(app.session_key(question), "internlm")[-1]
@@ -247,18 +247,11 @@ async def test_users_not_on_the_allowlist_never_reach_a_model(make_app):
 async def test_model_failing_mid_answer_keeps_question_and_partial_answer(make_app):
     app = make_app()
     await app.handle(msg("ping"), RecordingSurface())
-    model = app.hub.get("chat").backend.model
-    calls = {"n": 0}
-
-    def explode(module, args, output):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise RuntimeError("CUDA out of memory (simulated in a forward hook)")
-
-    hook = model.register_forward_hook(explode)
+    backend = app.hub.get("chat").backend
+    await backend.call_in_worker(worker_hooks.fail_forward, 6, "CUDA out of memory (simulated in a forward hook)")
     surface = RecordingSurface()
     await app.handle(msg("count"), surface)
-    hook.remove()
+    await backend.call_in_worker(worker_hooks.remove_hooks)
     shown = surface.messages[-1]
     assert shown.startswith("one two") and shown.endswith("⚠️ The model failed while answering. Please try again.")
     rows = app.store.history(app.session_key(msg("")), "internlm")

@@ -328,6 +328,7 @@ async def test_webhook_mode_checks_the_secret_token(make_app):
 async def test_shutdown_lets_answers_finish_or_closes_them_cleanly(make_app):
     async with FakeTelegram(TOKEN) as fake:
         app = make_app(**telegram_settings(fake), max_new_tokens=1800)
+        await slow_down(app)  # still generating when the shutdown comes, however fast the machine
         async with running_bot(app, shutdown_grace=0.5) as adapter:
             chat = fake.private_chat(42)
             fake.send_text(chat, 42, "code")
