@@ -64,6 +64,7 @@ class EngineMetrics:
 
     def __init__(self) -> None:
         self.batch_size = 0
+        self.peak_batch_size = 0
         self.steps = 0
         self.tokens = 0
         self.decode_seconds = 0.0
@@ -74,6 +75,7 @@ class EngineMetrics:
         self.tokens += tokens
         self.batch_size = rows
         if seconds > 0:  # a decode step (prefills report 0)
+            self.peak_batch_size = max(self.peak_batch_size, tokens)
             self.steps += 1
             self.decode_seconds += seconds
             speed = tokens / seconds
