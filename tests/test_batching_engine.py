@@ -172,7 +172,7 @@ def random_model(loaded):
     the trained tiny model's answers would survive small mistakes."""
     tokenizer, _ = loaded
     torch.manual_seed(1)
-    config = tiny_models.tiny_llama_config(tokenizer, hidden_size=64, num_hidden_layers=3, initializer_range=0.5)
+    config = tiny_models.tiny_llama_config(tokenizer, hidden_size=64, num_hidden_layers=3, initializer_range=0.1)
     return LlamaForCausalLM(config).eval()
 
 
