@@ -181,8 +181,8 @@ class ProcessHost:
             self.send(("close",))
         except (OSError, ValueError):
             pass
-        self.process.join(10)
-        if self.process.is_alive():
+        self.process.join(3)
+        if self.process.is_alive():  # nothing to save there: it holds no state of its own
             self.process.kill()
             self.process.join(5)
         self.conn.close()

@@ -40,3 +40,19 @@ def remove_hooks(model) -> None:
     for handle in _hooks(model):
         handle.remove()
     model._test_hooks.clear()
+
+
+def log_decode_batches(model) -> None:
+    """Record the batch size of every decode step (one new token per row) from now on."""
+    model._test_batches = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        if ids.shape[1] == 1:
+            model._test_batches.append(int(ids.shape[0]))
+
+    _hooks(model).append(model.register_forward_pre_hook(hook, with_kwargs=True))
+
+
+def decode_batches(model) -> list[int]:
+    return list(model._test_batches)
