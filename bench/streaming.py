@@ -3,7 +3,8 @@
 For each model (the tiny test model, and a random-weight Llama sized to take ~20 ms per token
 on this CPU) it measures, alternating runs to share any drift:
 - raw: `model.generate` with a streamer on the same prompt ids, greedy, a fixed token count;
-- bot: `App.handle` through the console adapter with output discarded (same persona prompt).
+- bot: `App.handle` through the console adapter with output discarded (same persona prompt),
+  the model in its generation process (`--host thread`: on a thread of this process).
 It prints tokens/s of each, their ratio (goal ≥ 0.97) and the bot's added first-token latency
 (goal ≤ 20 ms).
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from adapters.console import ConsoleAdapter  # noqa: E402
 from bot.app import App  # noqa: E402
@@ -66,7 +67,7 @@ def random_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int, heads
     return out, params
 
 
-def raw_run(backend, prompt_ids: list[int], tokens: int) -> tuple[float, float]:
+def raw_run(backend, prompt_ids: list[int], tokens: int, model=None) -> tuple[float, float]:
     """(tokens/s, first-token latency) of model.generate with a plain streamer."""
     first: list[float] = []
 
@@ -86,7 +87,7 @@ def raw_run(backend, prompt_ids: list[int], tokens: int) -> tuple[float, float]:
     ids = torch.tensor([prompt_ids], device=backend.device)
     started = time.perf_counter()
     with torch.inference_mode():
-        out = backend.model.generate(
+        out = (model or backend.model).generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
             eos_token_id=backend.eos_ids, pad_token_id=backend.eos_ids[0], streamer=Streamer(),
             temperature=None, top_p=None, top_k=None,
@@ -116,16 +117,19 @@ class _FirstWrite(io.TextIOBase):
         return len(text)
 
 
-def bench_model(label: str, path: Path, tokens: int, repeats: int, data_dir: Path, device: str = "cpu", dtype: str = "auto") -> dict:
+def bench_model(label: str, path: Path, tokens: int, repeats: int, data_dir: Path, device: str = "cpu", dtype: str = "auto",
+                host: str = "process") -> dict:
     settings = Settings(
         _env_file=None, chat_model=str(path), data_dir=data_dir, device=device, dtype=dtype, temperature=0.0,
-        max_new_tokens=tokens, max_context_tokens=4096, rate_limit_messages=1000,
+        max_new_tokens=tokens, max_context_tokens=4096, rate_limit_messages=1000, generation_host=host,
     )
     app = App(settings)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(bot_run(app, "/reset"))
     loop.run_until_complete(bot_run(app, "ping"))  # load + warm up
     backend = app.hub.get("chat").backend
+    # raw generate runs here, in this process; with the process host the bot's copy is elsewhere
+    model = backend.model or AutoModelForCausalLM.from_pretrained(path, torch_dtype=backend.dtype).to(backend.device).eval()
     raw_tps, raw_first, bot_tps, bot_first = [], [], [], []
     question = "code"
     for _ in range(repeats):
@@ -134,14 +138,16 @@ def bench_model(label: str, path: Path, tokens: int, repeats: int, data_dir: Pat
         bot_tps.append(tps)
         bot_first.append(first)
         prompt = app.hub.get("chat").last_prompt
-        tps, first = raw_run(backend, backend.encode(prompt), produced)
+        tps, first = raw_run(backend, backend.encode(prompt), produced, model)
         raw_tps.append(tps)
         raw_first.append(first)
+    app.hub.close()
     loop.close()
     app.store.close()
     raw, bot = statistics.median(raw_tps), statistics.median(bot_tps)
     result = {
         "model": label,
+        "host": backend.host_kind,
         "tokens": produced,
         "ms/token (raw)": 1000 / raw,
         "raw tok/s": raw,
@@ -162,6 +168,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     parser.add_argument("--skip-tiny", action="store_true", help="only the random model (no tiny-model training)")
+    parser.add_argument("--host", default="process", choices=["process", "thread"], help="where the bot's model generates")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -171,11 +178,12 @@ def main() -> None:
             tokenizer_dir = bench_tokenizer(Path(tmp) / "tokenizer")
         else:
             tokenizer_dir = tiny_models.chat_model_path()
-            rows.append(bench_model("tiny test model", tokenizer_dir, args.tokens, args.repeats, Path(tmp) / "d1", args.device, args.dtype))
+            rows.append(bench_model("tiny test model", tokenizer_dir, args.tokens, args.repeats, Path(tmp) / "d1", args.device, args.dtype,
+                                    args.host))
         shape = INTERNLM2_1_8B if args.internlm2 else dict(hidden=args.hidden, layers=args.layers)
         big, params = random_model(tokenizer_dir, Path(tmp) / "random", **shape)
         label = f"random Llama {params / 1e6:.0f}M" + (" (InternLM2-1.8B shape)" if args.internlm2 else "")
-        rows.append(bench_model(label, big, args.tokens, args.repeats, Path(tmp) / "d2", args.device, args.dtype))
+        rows.append(bench_model(label, big, args.tokens, args.repeats, Path(tmp) / "d2", args.device, args.dtype, args.host))
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, dtype {args.dtype}, {args.tokens} tokens, median of {args.repeats}")
     header = list(rows[0])
