@@ -92,6 +92,9 @@ class Bench:
         self.prompt_ids = self.backend.encode(self.model.last_prompt)
         self.device = self.backend.device
         self.raw = AutoModelForCausalLM.from_pretrained(path, torch_dtype=self.backend.dtype).to(self.device).eval()
+        tokens, self.tokens = self.tokens, 2
+        self.raw_batch(1)  # warm up this copy too
+        self.tokens = tokens
 
     def close(self) -> None:
         self.app.hub.close()

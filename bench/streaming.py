@@ -51,6 +51,11 @@ def random_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int, heads
     """A Llama with random weights and the tiny tokenizer; end-of-turn logits suppressed so
     every greedy run produces exactly the requested number of tokens."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cache = os.environ.get("BENCH_MODEL_CACHE")  # reuse across bench scripts (bench/gpu_all.sh)
+    if cache:
+        out = Path(cache) / f"llama-{hidden}x{layers}-h{heads}-kv{kv_heads}-ff{intermediate}-v{len(tokenizer)}"
+        if (out / "params.txt").exists():
+            return out, int((out / "params.txt").read_text())
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or hidden * 11 // 4,
@@ -64,6 +69,7 @@ def random_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int, heads
     params = sum(p.numel() for p in model.parameters())
     model.to(torch.bfloat16).save_pretrained(out)  # half the bytes to write; loads in any dtype
     tokenizer.save_pretrained(out)
+    (out / "params.txt").write_text(str(params))
     return out, params
 
 
