@@ -138,3 +138,22 @@ async def test_a_killed_generation_process_is_restarted_for_the_next_requests(ba
         assert surface.messages[-1].endswith(FAILED)
     assert (await ask(app, "ping", "next")).messages == ["pong"]
     assert backend.worker_pid not in (None, first_pid)
+
+
+async def test_answers_wait_with_their_queue_position_when_the_kv_cache_budget_is_full(make_app):
+    app = make_app(max_concurrent_generations=8, rate_limit_messages=100)  # thread host: same engine
+    await ask(app, "count", "warm-up")
+    model = app.hub.get("chat")
+    backend = model.backend
+    assert model.scheduler.budget == backend.kv_budget_tokens > 1000  # 4096 MiB of this tiny model's cache
+    cost = backend.reserve_tokens(model.last_prompt, app.personas["internlm"].params)
+    model.scheduler.budget = 2 * cost  # room for two such answers at once
+    await backend.call_in_worker(worker_hooks.sleep_before_forward, 0.02)
+    surfaces = await asyncio.gather(*(ask(app, "count", f"m{i}") for i in range(3)))
+    assert [s.messages for s in surfaces] == [[tiny_models.COUNT_ANSWER]] * 3
+    statuses = [[w.text for w in s.writes if w.phase == "status"] for s in surfaces]
+    assert sum(any(text.startswith("⏳ In the queue: 1 ahead") for text in st) for st in statuses) == 1
+    assert backend.metrics.peak_batch_size == 2
+    metrics = model.metrics()
+    assert metrics["queued"] == metrics["running"] == metrics["batch_size"] == 0
+    assert metrics["tokens_total"] >= 4 * 12 and metrics["tokens_per_s"] > 0
