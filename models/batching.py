@@ -1,8 +1,8 @@
 """Continuous batching over a causal LM's own forward, through public arguments only
 (`input_ids`, `attention_mask`, `position_ids`, `past_key_values`).
 
-A new request is prefilled alone (its first token comes from that prefill) and joins the running
-batch for the next decode step; a row that ends (end-of-turn, its token budget, cancelled)
+A new request is prefilled (with others that arrived at the same time; its first token comes
+from that prefill) and joins the running batch for the next decode step; a row that ends (end-of-turn, its token budget, cancelled)
 leaves at once and the padding it leaves behind is trimmed. Each row keeps its own sampling
 settings. Rows are left-padded with position ids counted per row, so a greedy answer is the one
 the request gets alone.
@@ -17,7 +17,7 @@ import inspect
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 
 Event = tuple  # (request id, token id or -1, finish reason or None, error text or None)
+PREFILL_TOKENS = 8192  # padded prompt tokens prefilled in one forward
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Job:
     generated: int = 0
     length: int = 0  # this row's entries in the cache
     cancelled: bool = False
+    solo: bool = False  # prefill alone (its group's prefill failed)
 
 
 class BatchEngine:
@@ -83,53 +85,84 @@ class BatchEngine:
 
     # -- prefill -------------------------------------------------------------------------------
     def admit(self) -> Iterator[list[Event]]:
-        """Prefill waiting requests (while the batch has room), one at a time, yielding each
-        one's first token as soon as it is known."""
+        """Prefill waiting requests while the batch has room, yielding first tokens as soon as
+        they are known. Requests that arrived together are prefilled together (left-padded,
+        within PREFILL_TOKENS and at most half padding); if that fails, each alone, so one
+        request's failure ends only that request."""
         while self.pending and len(self.rows) < self.max_batch:
-            job = self.pending.popleft()
+            group = self._next_group()
             try:
-                yield self._prefill(job)
-            except Exception as exc:  # this request failed; the batch is untouched
-                log.exception("prefill failed")
-                yield [(job.rid, -1, ERROR, _describe(exc))]
+                yield self._prefill(group)
+            except Exception as exc:
                 _after_failure(self.device)
+                if len(group) > 1:
+                    log.warning("prefill of %d requests failed (%s); prefilling them one by one", len(group), _describe(exc))
+                    self.pending.extendleft(reversed([replace(j, solo=True) for j in group]))
+                    continue
+                log.exception("prefill failed")
+                yield [(group[0].rid, -1, ERROR, _describe(exc))]
 
-    def _prefill(self, job: Job) -> list[Event]:
-        n = len(job.prompt)
-        ids = torch.tensor([job.prompt], device=self.device)
+    def _next_group(self) -> list[Job]:
+        group = [self.pending.popleft()]
+        width = total = len(group[0].prompt)
+        room = self.max_batch - len(self.rows)
+        while self.pending and len(group) < room and not group[0].solo and not self.pending[0].solo:
+            n = len(self.pending[0].prompt)
+            padded = max(width, n) * (len(group) + 1)
+            if padded > PREFILL_TOKENS or padded > 2 * (total + n):
+                break
+            group.append(self.pending.popleft())
+            width, total = max(width, n), total + n
+        return group
+
+    def _prefill(self, group: list[Job]) -> list[Event]:
+        width = max(len(j.prompt) for j in group)
+        pads = [width - len(j.prompt) for j in group]
+        ids = torch.tensor([[j.prompt[0]] * pad + j.prompt for j, pad in zip(group, pads)], device=self.device)
+        mask = torch.tensor([[0] * pad + [1] * len(j.prompt) for j, pad in zip(group, pads)], device=self.device)
+        positions = torch.tensor([[1] * pad + list(range(len(j.prompt))) for j, pad in zip(group, pads)], device=self.device)
         out = self.model(
-            input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(n, device=self.device)[None],
-            use_cache=True, return_dict=True, **self.logits_kw,
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, return_dict=True, **self.logits_kw,
         )
         layers, cache_cls = kv_cache.unwrap(out.past_key_values)
-        kv_cache.check_layout(layers, 1, n)
-        temperature = torch.tensor([job.temperature], device=self.device) if job.temperature > 0 else None
-        top_p = torch.tensor([job.top_p], device=self.device) if temperature is not None else None
-        token = int(choose(out.logits[:, -1, :], temperature, top_p, self.top_k)[0])
-        job.generated, job.length = 1, n
-        finish = self._finish(job, token)
-        if finish is None:
-            self._join(job, layers, cache_cls, token)
-        return [(job.rid, token, finish, None)]
+        kv_cache.check_layout(layers, len(group), width)
+        temperature, top_p = _sampling_tensors(group, self.device)
+        tokens = choose(out.logits[:, -1, :], temperature, top_p, self.top_k).tolist()
+        events, joining = [], []
+        for i, (job, token) in enumerate(zip(group, tokens)):
+            job.generated, job.length = 1, len(job.prompt)
+            finish = self._finish(job, token)
+            events.append((job.rid, token, finish, None))
+            if finish is None:
+                joining.append(i)
+        if joining:
+            if len(joining) < len(group):
+                index = torch.tensor(joining, device=self.device)
+                layers, mask = kv_cache.select_rows(layers, index), mask.index_select(0, index)
+            self._join([group[i] for i in joining], layers, mask, cache_cls, [tokens[i] for i in joining])
+        return events
 
-    def _join(self, job: Job, layers: kv_cache.Layers, cache_cls: type | None, token: int) -> None:
-        n = job.length
-        mask = torch.ones((1, n), dtype=torch.long, device=self.device)
+    def _join(self, jobs: list[Job], layers: kv_cache.Layers, mask: torch.Tensor, cache_cls: type | None,
+              tokens: list[int]) -> None:
+        """Add prefilled rows (right-aligned in `layers`, `mask`) to the running batch."""
+        n = mask.shape[1]
         width = max(self.width, n)
         layers, mask = kv_cache.pad_left(layers, width - n), _pad_mask(mask, width - n)
-        position = torch.tensor([n], device=self.device)
-        last = torch.tensor([token], device=self.device)
+        positions = torch.tensor([j.length for j in jobs], device=self.device)
+        last = torch.tensor(tokens, device=self.device)
+        unused = width - max(j.length for j in jobs + self.rows)  # padding in every row, new ones included
         if not self.rows:
-            self.layers, self.mask, self.positions, self.last = layers, mask, position, last
+            self.layers, self.mask, self.positions, self.last = layers, mask, positions, last
         else:
             grow = width - self.width
             self.layers = kv_cache.concat_rows(kv_cache.pad_left(self.layers, grow), layers)
             self.mask = torch.cat([_pad_mask(self.mask, grow), mask])
-            self.positions = torch.cat([self.positions, position])
+            self.positions = torch.cat([self.positions, positions])
             self.last = torch.cat([self.last, last])
         self.cache_cls, self.width = cache_cls, width
-        self.rows.append(job)
+        self.rows.extend(jobs)
         self._sampling = None
+        self._trim(unused)
 
     # -- decode --------------------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -174,13 +207,7 @@ class BatchEngine:
 
     def _sampling_tensors(self) -> tuple:
         if self._sampling is None:
-            if all(j.temperature <= 0 for j in self.rows):
-                self._sampling = (None, None)
-            else:
-                self._sampling = (
-                    torch.tensor([j.temperature for j in self.rows], device=self.device),
-                    torch.tensor([j.top_p for j in self.rows], device=self.device),
-                )
+            self._sampling = _sampling_tensors(self.rows, self.device)
         return self._sampling
 
     def _finish(self, job: Job, token: int) -> str | None:
@@ -209,7 +236,10 @@ class BatchEngine:
         self.mask = self.mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self.last = self.last.index_select(0, index)
-        unused = self.width - max(j.length for j in self.rows)  # columns that are padding in every row
+        self._trim(self.width - max(j.length for j in self.rows))
+
+    def _trim(self, unused: int) -> None:
+        """Drop leading columns that are padding in every row."""
         if unused > 0:
             self.layers = kv_cache.trim_left(self.layers, unused)
             self.mask = self.mask[:, unused:]
@@ -223,6 +253,13 @@ class BatchEngine:
     def cache_tokens(self) -> int:
         """Cache entries held, padding included (rows × width)."""
         return len(self.rows) * self.width
+
+
+def _sampling_tensors(jobs: list[Job], device: torch.device) -> tuple:
+    """Per-row (temperature, top_p) tensors, or (None, None) when every row is greedy."""
+    if all(j.temperature <= 0 for j in jobs):
+        return None, None
+    return (torch.tensor([j.temperature for j in jobs], device=device), torch.tensor([j.top_p for j in jobs], device=device))
 
 
 def _pad_mask(mask: torch.Tensor, n: int) -> torch.Tensor:

@@ -186,3 +186,27 @@ def test_random_model_batched_equals_alone_token_for_token(loaded, random_model)
     got = run(engine, {0: jobs[:2], 1: jobs[2:3], 4: jobs[3:]})
     for i, text in enumerate(texts):
         assert got[i][0] == expected[i], text
+
+
+def test_requests_arriving_together_prefill_together_and_a_bad_one_fails_alone(loaded):
+    tokenizer, model = loaded
+    engine = BatchEngine(model, device="cpu")
+    prefills: list[int] = []
+    counter = model.register_forward_pre_hook(lambda m, args, kw: prefills.append(kw["input_ids"].shape[0])
+                                              if kw["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    try:
+        good = [Job(i, prompt(tokenizer, q), 64, eos=eos(tokenizer)) for i, q in enumerate(["ping", "count", "你好"])]
+        got = run(engine, {0: good})
+        assert prefills == [3]  # one forward for the three prompts (of different lengths)
+        assert [tokenizer.decode(got[i][0], skip_special_tokens=True) for i in range(3)] == [
+            "pong", tiny_models.COUNT_ANSWER, "你好！我是书生·浦语。"]
+        prefills.clear()
+        bad = Job(9, prompt(tokenizer, "ping")[:-1] + [len(tokenizer) + 1000], 64, eos=eos(tokenizer))  # no such token
+        again = [Job(10 + i, prompt(tokenizer, q), 64, eos=eos(tokenizer)) for i, q in enumerate(["ping", "count"])]
+        got = run(engine, {0: [again[0], bad, again[1]]})
+        assert prefills == [3, 1, 1, 1]  # the group failed, then each alone
+        assert got[9] == ([], ERROR)
+        assert tokenizer.decode(got[10][0], skip_special_tokens=True) == "pong"
+        assert tokenizer.decode(got[11][0], skip_special_tokens=True) == tiny_models.COUNT_ANSWER
+    finally:
+        counter.remove()
