@@ -8,15 +8,18 @@ STAMP := $(VENV)/.installed
 .PHONY: run console check test bench system-deps install clean
 
 run: install system-deps
-	$(PY) -m bot
+	$(PY) -m launcher
 
 console: install
-	$(PY) -m bot console
+	$(PY) -m launcher console
 
 check: install
-	$(PY) -m bot check
+	$(PY) -m launcher check
 
+# The tiny test models are built first (tests/prebuild.py, its own progress lines), outside any
+# test's timeout; the tests then find them in the cache.
 test: install system-deps
+	$(PY) -m tests.prebuild
 	$(PY) -m pytest
 
 install: $(STAMP)

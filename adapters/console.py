@@ -1,7 +1,7 @@
 """The local console chat: stdin lines in, streamed answers out.
 
 Works interactively (a prompt, statuses on stderr, Ctrl-C stops an answer, Ctrl-C or EOF at
-the prompt quits) and piped (`printf 'ping\\n' | python -m bot console` prints the answer and
+the prompt quits) and piped (`printf 'ping\\n' | python -m launcher console` prints the answer and
 exits at end of input). Lines are answered in order; `/stop` typed during an answer acts at once.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bot.app import App
-from bot.messages import ImageAttachment, Incoming, Phase, SurfaceLimits
+from bot.messages import ImageAttachment, Incoming, Phase, ReplyContext, SurfaceLimits
 
 LIMITS = SurfaceLimits(max_length=1_000_000, min_edit_interval=0.0)
 
@@ -31,6 +31,7 @@ class _Printed:
 
 class ConsoleSurface:
     limits = LIMITS
+    context: ReplyContext | None = None  # set by the core; the console shows only the text
 
     def __init__(self, out: TextIO, err: TextIO, tty: bool) -> None:
         self.out, self.err, self.tty = out, err, tty
@@ -122,8 +123,8 @@ class ConsoleAdapter:
                 surface = ConsoleSurface(self.out, self.err, self.tty)
                 self._answering = asyncio.create_task(self.app.handle(self.incoming(line), surface))
                 await asyncio.wait({self._answering, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if stop.is_set():  # shutting down: stop the answer; it still prints its final text
-                    self.app.stop(self._session())
+                if stop.is_set():  # shutting down: the core's policy (finish within the grace, else stop)
+                    await self.app.drain(self.name)
                 await self._answering
                 self._answering = None
         finally:
@@ -145,15 +146,12 @@ class ConsoleAdapter:
 
     def _on_line(self, line: str, lines: asyncio.Queue) -> None:
         if line.strip() == "/stop" and self._answering is not None:
-            self.app.stop(self._session())
+            self.app.stop_for(self.incoming(""))
         else:
             lines.put_nowait(line)
 
-    def _session(self) -> str:
-        return self.app.session_key(self.incoming(""))
-
     def _interrupt(self) -> None:
-        if self._answering is not None and self.app.stop(self._session()):
+        if self._answering is not None and self.app.stop_for(self.incoming("")):
             return
         os.kill(os.getpid(), signal.SIGTERM)  # Ctrl-C at the prompt quits
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bot.app import App, role_specs  # noqa: E402
 from bot.config import Settings  # noqa: E402
-from models.base import Cancel, ChatMessage, GenerationParams, StreamStats  # noqa: E402
+from models.base import Cancel, Capabilities, ChatMessage, GenerationParams, StreamStats  # noqa: E402
 from models.registry import ModelHub  # noqa: E402
 from tests.discord_harness import is_done, running  # noqa: E402
 from tests.fake_discord import FakeDiscord  # noqa: E402
@@ -43,6 +43,7 @@ class SleepyBackend:
 
     name = "sleepy"
     context_window = 8192
+    capabilities = Capabilities()
 
     def __init__(self, tokens: int, spin: bool = False) -> None:
         self.tokens = tokens
@@ -96,7 +97,7 @@ async def bench_once(n: int, tokens: int, slots: int, spin: bool = False) -> dic
             users = [fake.add_user(f"user{i}") for i in range(n)]
             started = time.monotonic()
             interactions = await asyncio.gather(*(fake.slash("chat", u, prompt=f"q{i}") for i, u in enumerate(users)))
-            await fake.wait_for(lambda: all(i.messages and is_done(i.messages[-1]) for i in interactions), 600, "all answers")
+            await fake.wait_for(lambda: all(i.messages and is_done(i.messages[-1]) for i in interactions), "all answers")
             elapsed = time.monotonic() - started
         app.store.close()
     defers = [i.acked_at - i.dispatched_at for i in interactions]

@@ -184,6 +184,7 @@ def v_wake_handshake(ctx, run):
 def _sft(ctx, run, coalesce_s=None, switch=None):
     from models import thread_stream as tb
     from models.base import Cancel, GenerationParams
+    from models.generation import sampling_kwargs
 
     old_put, old_switch = tb._Mailbox.put, sys.getswitchinterval()
     if coalesce_s is not None:
@@ -207,7 +208,7 @@ def _sft(ctx, run, coalesce_s=None, switch=None):
     async def go():
         params = GenerationParams(max_new_tokens=ctx.tokens, temperature=0.0)
         kwargs = dict(input_ids=ctx.ids, attention_mask=torch.ones_like(ctx.ids), eos_token_id=ctx.eos,
-                      pad_token_id=ctx.eos[0], **tb.sampling_kwargs(params))
+                      pad_token_id=ctx.eos[0], **sampling_kwargs(params))
 
         def generate(bridge):
             streamer = bridge["streamer"]

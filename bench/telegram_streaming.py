@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.app import App, role_specs  # noqa: E402
 from bot.config import Settings  # noqa: E402
-from models.base import Cancel, ChatMessage, GenerationParams, StreamStats  # noqa: E402
+from models.base import Cancel, Capabilities, ChatMessage, GenerationParams, StreamStats  # noqa: E402
 from models.registry import ModelHub  # noqa: E402
 from tests.fake_telegram import FakeTelegram  # noqa: E402
 from tests.telegram_harness import TOKEN, running_bot, telegram_settings  # noqa: E402
@@ -38,6 +38,7 @@ class PacedBackend:
 
     name = "paced"
     context_window = 8192
+    capabilities = Capabilities()
 
     def __init__(self, tokens: int, every: float) -> None:
         self.tokens, self.every = tokens, every
@@ -87,7 +88,7 @@ async def run(n: int, tokens: int, every: float) -> dict:
                         for c in chats
                     )
 
-                await fake.wait_until(finished, timeout=tokens * every + 120)
+                await fake.wait_until(finished)
                 elapsed = time.monotonic() - started
             app.store.close()
         delays, tails, writes = [], [], []

@@ -1,9 +1,6 @@
-"""`python -m bot [run|console|check]`."""
-
-from __future__ import annotations
+"""The entry point moved out of the core (bot/ never imports adapters/): say where to."""
 
 import sys
 
-from .cli import main
-
-sys.exit(main())
+print("error: start the bot with `python -m launcher [run|console|check]` (or `make run`)", file=sys.stderr)
+sys.exit(2)

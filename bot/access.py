@@ -1,11 +1,18 @@
-"""Allowlists: who may use the bot at all, and who may use a persona (the agent)."""
+"""Allowlists: who may use the bot at all (per platform, from `bot/platforms.py`), and who may
+use a feature that declares its own allowlist (the agent). Checked once per request, by the
+router, for the feature that will answer."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import Settings
 from .messages import Incoming
+from .platforms import PLATFORMS
+
+if TYPE_CHECKING:
+    from .features import Feature
 
 
 @dataclass(frozen=True)
@@ -25,21 +32,24 @@ class Allowlist:
         return True
 
 
+def _ids(settings: Settings, name: str | None) -> frozenset[str]:
+    return getattr(settings, name) if name else frozenset()
+
+
 class AccessPolicy:
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.platforms = {
-            "telegram": Allowlist(settings.telegram_allowed_users, settings.telegram_allowed_chats),
-            "discord": Allowlist(
-                settings.discord_allowed_users, settings.discord_allowed_channels, settings.discord_allowed_guilds
-            ),
+            p.name: Allowlist(_ids(settings, p.allowed_users), _ids(settings, p.allowed_chats), _ids(settings, p.allowed_guilds))
+            for p in PLATFORMS
         }
-        self.agent_users = settings.agent_allowed_users
 
     def allows(self, msg: Incoming) -> bool:
+        """May this user use the bot on this platform at all?"""
         rule = self.platforms.get(msg.platform)
         return rule is None or rule.permits(msg)
 
-    def allows_role(self, msg: Incoming, role: str) -> bool:
-        if role != "agent" or not self.agent_users:
-            return True
-        return msg.user_id in self.agent_users or f"{msg.platform}:{msg.user_id}" in self.agent_users
+    def allows_feature(self, msg: Incoming, feature: "Feature") -> bool:
+        """May this user use this feature? (A feature's allowlist holds "platform:id" or "id".)"""
+        users = _ids(self.settings, feature.allowlist)
+        return not users or msg.user_id in users or f"{msg.platform}:{msg.user_id}" in users

@@ -1,9 +1,9 @@
 """/agent: the Lagent tool-using agent as a persona (command "agent", model role "agent").
 
-The responder runs `models.agent` and turns its `AgentReturn` states into display text that only
-grows (a ReplyStream shows appended text): per tool step a short thinking line, the code in a
-code block, its output; then the answer. History stores the agent's own steps (code, outputs,
-answers) so a follow-up continues the same conversation.
+The responder runs `models.agent` and renders the events it reports (thinking, code being
+written, a code run and its output, a tool call, the answer) as display text that only grows (a
+ReplyStream shows appended text). History stores what `models.agent` hands back as the turn
+(the agent's own steps), so a follow-up continues the same conversation.
 """
 
 from __future__ import annotations
@@ -11,24 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import aclosing
-from copy import deepcopy
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
-from models.agent import StepContext, build_turn, history_steps, make_protocol, run_agent, stored_steps
-from models.agent_tools import SandboxedPython
-from models.base import GenerationParams
-from models.sandbox import RunResult, Sandbox, SandboxLimits, SandboxUnavailable
+from models.agent import StepContext, build_turn, run_agent
+from models.agent_events import AgentEvent, CodeRun, FinalAnswer, Thinking, ToolCall, WritingCode, WritingToolCall
+from models.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
 
-from .app import App
 from .i18n import register, t
-from .personas import Persona
 from .responders import Turn
+
+if TYPE_CHECKING:
+    from .app import App
 
 log = logging.getLogger(__name__)
 
-CODING, CODE_END, CODE_RETURN = 6, 7, 8
-PLUGIN_START, PLUGIN_END, PLUGIN_RETURN = 3, 4, 5
-STREAM_ING, END = 1, 0
 THOUGHT_HOLD = 160  # language text longer than this is shown as it streams, not held as a thought
 DISPLAY_OUTPUT_CHARS = 1500  # the model sees up to SANDBOX_MAX_OUTPUT_CHARS; the chat shows less
 DISPLAY_TOOL_CHARS = 400
@@ -62,10 +58,6 @@ TEXTS = {
         "en": "(stopped after {n} steps without a final answer)",
         "zh": "（已执行 {n} 步，仍未得出最终回答）",
     },
-    "agent_not_allowed": {
-        "en": "Sorry, the agent is only available to some users of this bot.",
-        "zh": "抱歉，智能体只对本机器人的部分用户开放。",
-    },
     "agent_help": {
         "en": "Agent (/agent): InternLM2 with tools: {tools}. It answers in steps: you see the code it runs, the output, then the answer.",
         "zh": "智能体（/agent）：带工具的书生·浦语：{tools}。它会分步回答：你会看到它运行的代码、输出，然后是答案。",
@@ -96,15 +88,13 @@ def _fence(text: str) -> str:
 
 
 class StepRenderer:
-    """AgentReturn states → display deltas (append-only), and the steps to store."""
+    """The agent's events → display deltas (append-only): per tool step a short thinking line,
+    the code in a code block, its output; then the answer."""
 
-    def __init__(self, lang: str, python: SandboxedPython | None, limits: SandboxLimits) -> None:
+    def __init__(self, lang: str, limits: SandboxLimits) -> None:
         self.lang = lang
-        self.python = python
         self.limits = limits
         self.shown = ""
-        self.steps: list[dict] = []  # completed lagent inner steps of this turn
-        self.python_steps = 0
         self._new_step()
 
     def _new_step(self) -> None:
@@ -126,27 +116,22 @@ class StepRenderer:
             return ""
         return "\n" if self.shown.endswith("\n") else "\n\n"
 
-    def stored(self) -> str:
-        steps = self.steps + ([{"role": "language", "content": self.language}] if self.language else [])
-        return stored_steps(steps) if steps else ""
-
-    # -- states --------------------------------------------------------------------------------
-    def feed(self, state) -> str:
+    # -- events --------------------------------------------------------------------------------
+    def feed(self, event: AgentEvent) -> str:
         out: list[str] = []
-        code, response = int(state.state), state.response
-        if code == STREAM_ING and isinstance(response, str):
-            self._language(response, out)
-        elif code in (CODING, CODE_END) and isinstance(response, dict):
+        if isinstance(event, Thinking):
+            self._language(event.text, out)
+        elif isinstance(event, WritingCode):
             self._open(out, python=True)
-            self._code(response.get("parameters", {}).get("command", ""), out, final=code == CODE_END)
-        elif code in (PLUGIN_START, PLUGIN_END):
+            self._code(event.code, out, final=event.done)
+        elif isinstance(event, WritingToolCall):
             self._open(out, python=False)
-        elif code == CODE_RETURN and state.actions:
-            self._code_return(state, out)
-        elif code == PLUGIN_RETURN and state.actions:
-            self._plugin_return(state, out)
-        elif code == END:
-            self._end(state, out)
+        elif isinstance(event, CodeRun):
+            self._code_run(event, out)
+        elif isinstance(event, ToolCall):
+            self._tool_call(event, out)
+        elif isinstance(event, FinalAnswer):
+            self._end(event, out)
         return "".join(out)
 
     def _language(self, text: str, out: list[str]) -> None:
@@ -186,24 +171,18 @@ class StepRenderer:
             self._emit("```\n", out)
             self.closed = True
 
-    def _code_return(self, state, out: list[str]) -> None:
-        action = state.actions[-1]
-        command = (action.args or {}).get("command", "")
-        self._open(out, python=True, thought=action.thought or "")
-        self._code(command, out, final=True)
-        run = None
-        if self.python is not None and self.python_steps < len(self.python.runs):
-            run = self.python.runs[self.python_steps]
-        self.python_steps += 1
-        self._emit(self._output(run, action), out)
-        self.steps = list(state.inner_steps)
+    def _code_run(self, run: CodeRun, out: list[str]) -> None:
+        self._open(out, python=True, thought=run.thought)
+        self._code(run.code, out, final=True)
+        self._emit(self._output(run), out)
         self._new_step()
 
-    def _output(self, run: RunResult | SandboxUnavailable | None, action) -> str:
+    def _output(self, event: CodeRun) -> str:
+        run = event.result
         if isinstance(run, SandboxUnavailable):
             return t("agent_sandbox_missing", self.lang) + "\n"
         if run is None:  # not our run (e.g. an invalid tool call): show what the model was told
-            return _fence(action.errmsg or action.format_result())
+            return _fence(event.told)
         text = run.output.rstrip("\n")
         shortened = run.truncated or len(text) > DISPLAY_OUTPUT_CHARS
         text = text[:DISPLAY_OUTPUT_CHARS]
@@ -220,75 +199,71 @@ class StepRenderer:
             lines.append(t("agent_stopped_run", self.lang) + "\n")
         return "\n".join(line.rstrip("\n") for line in lines) + "\n"
 
-    def _plugin_return(self, state, out: list[str]) -> None:
-        action = state.actions[-1]
-        self._open(out, python=False, thought=action.thought or "")
-        query = ", ".join(str(v) for v in (action.args or {}).values())[:200]
-        self._emit(t("agent_tool_call", self.lang, tool=action.type or "tool", query=query) + "\n", out)
-        if action.errmsg:
-            self._emit(t("agent_tool_failed", self.lang, error=str(action.errmsg)[:DISPLAY_TOOL_CHARS]) + "\n", out)
+    def _tool_call(self, call: ToolCall, out: list[str]) -> None:
+        self._open(out, python=False, thought=call.thought)
+        query = ", ".join(str(v) for v in call.args.values())[:200]
+        self._emit(t("agent_tool_call", self.lang, tool=call.tool, query=query) + "\n", out)
+        if call.error is not None:
+            self._emit(t("agent_tool_failed", self.lang, error=call.error[:DISPLAY_TOOL_CHARS]) + "\n", out)
         else:
-            result = action.format_result()
-            short = result[:DISPLAY_TOOL_CHARS] + ("…" if len(result) > DISPLAY_TOOL_CHARS else "")
+            short = call.result[:DISPLAY_TOOL_CHARS] + ("…" if len(call.result) > DISPLAY_TOOL_CHARS else "")
             self._emit(_fence(short), out)
-        self.steps = list(state.inner_steps)
         self._new_step()
 
     def flush(self) -> str:
-        """Show text still held back as a possible thought (the turn ended without an END)."""
+        """Show text still held back as a possible thought (the turn ended without an answer)."""
         out: list[str] = []
         if self.language and not self.plain and not self.opened:
             self._emit(self._gap() + self.language, out)
             self.plain, self._plain_shown = True, len(self.language)
         return "".join(out)
 
-    def _end(self, state, out: list[str]) -> None:
-        if state.inner_steps:
-            self.steps = list(state.inner_steps)
-        if isinstance(state.response, str):
-            answer = state.response
+    def _end(self, answer: FinalAnswer, out: list[str]) -> None:
+        if answer.text is not None:
             if self.plain:
-                self._emit(answer[self._plain_shown :], out)
-            elif answer.strip():
-                self._emit(self._gap() + answer.strip(), out)
-        else:  # lagent ran out of turns while still calling tools
-            self._emit(self._gap() + t("agent_max_turns", self.lang, n=len(state.actions)), out)
+                self._emit(answer.text[self._plain_shown :], out)
+            elif answer.text.strip():
+                self._emit(self._gap() + answer.text.strip(), out)
+        else:  # the model ran out of turns while still calling tools
+            self._emit(self._gap() + t("agent_max_turns", self.lang, n=answer.steps), out)
         self.language = ""
 
 
+register(TEXTS)
+
+
 class AgentResponder:
-    def __init__(self, app: App, sandbox: Sandbox | None) -> None:
-        self.app = app
-        self.sandbox = sandbox
+    """The agent persona's responder (declared in bot/features.py)."""
+
+    def __init__(self, app: "App") -> None:
+        self.hub = app.hub
         self.settings = app.settings
+        unknown = [name for name in self.settings.enabled_tools if name not in ("python", "arxiv")]
+        if unknown:
+            log.warning("AGENT_TOOLS: unknown tools ignored: %s", ", ".join(unknown))
+        self.sandbox = make_sandbox(self.settings)
 
     def respond(self, turn: Turn) -> AsyncIterator[str]:
         return self._respond(turn)
 
     async def _respond(self, turn: Turn) -> AsyncIterator[str]:
-        if not self.app.access.allows_role(turn.msg, "agent"):  # e.g. a shared group session
-            log.info("refused %s for the agent (AGENT_ALLOWED_USERS)", turn.tenant)
-            turn.stored_answer = ""
-            yield t("agent_not_allowed", turn.lang)
-            return
-        history = history_steps(turn.history)
         context = StepContext(
             loop=asyncio.get_running_loop(), cancel=turn.cancel, tenant=turn.tenant, on_wait=turn.on_wait,
-            stats=turn.stats, n_history=len(make_protocol().format_sub_role(deepcopy(history))),
+            stats=turn.stats,
         )
         agent_turn = build_turn(
-            self.app.hub.get("agent"), turn.persona.params, context, sandbox=self.sandbox,
+            self.hub.get(turn.persona.role), turn.persona.params, context, sandbox=self.sandbox,
             tools=self.settings.enabled_tools, max_turn=self.settings.agent_max_turn,
+            history=turn.history, question=turn.text,
         )
-        renderer = StepRenderer(turn.lang, agent_turn.python, sandbox_limits(self.settings))
-        messages = history + [{"role": "user", "content": turn.text}]
-        async with aclosing(run_agent(agent_turn, messages)) as states:
-            async for state in states:
-                delta = renderer.feed(state)
-                turn.stored_answer = renderer.stored()
+        renderer = StepRenderer(turn.lang, sandbox_limits(self.settings))
+        async with aclosing(run_agent(agent_turn)) as events:
+            async for event in events:
+                delta = renderer.feed(event)
+                turn.stored_answer = agent_turn.stored
                 if delta:
                     yield delta
-        turn.stored_answer = renderer.stored()
+        turn.stored_answer = agent_turn.stored
         if tail := renderer.flush():
             yield tail
 
@@ -330,19 +305,3 @@ def help_section(settings, sandbox: Sandbox | None, lang: str) -> str:
                 processes=lim.max_processes, chars=lim.max_output_chars,
             )
     return text
-
-
-def install(app: App) -> None:
-    """Add the agent persona, its responder, /help section and texts."""
-    register(TEXTS)
-    settings = app.settings
-    unknown = [name for name in settings.enabled_tools if name not in ("python", "arxiv")]
-    if unknown:
-        log.warning("AGENT_TOOLS: unknown tools ignored: %s", ", ".join(unknown))
-    sandbox = make_sandbox(settings)
-    params = GenerationParams(
-        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
-    )
-    persona = Persona("agent", "agent", "agent", None, params)
-    app.add_persona(persona, AgentResponder(app, sandbox))
-    app.help_sections.append(lambda lang: help_section(settings, sandbox, lang))

@@ -1,7 +1,8 @@
-"""The core: access → command router → limits → session → responder → ReplyStream.
+"""The core: route → access (once) → limits → session → responder → ReplyStream.
 
 Adapters call `App.handle(incoming, surface)` for every user action. The same code serves the
-console, Telegram and Discord.
+console, Telegram and Discord. What commands exist is declared in `bot/features.py`; the
+router, /help, the menus, access and rate limits read those declarations.
 """
 
 from __future__ import annotations
@@ -9,19 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import aclosing
+import uuid
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Callable, Iterator, Sequence
 
 from models.base import Cancel, ChatMessage, ModelError
 from models.registry import ModelHub, RoleSpec
 
 from .access import AccessPolicy
 from .config import ROLES, Settings
-from .i18n import TEXTS, lang_of, t
+from .features import DEFAULT_PERSONA, FEATURES, RATE_BUCKETS, Catalogue, Feature
+from .i18n import register, t
+from .images import DEFAULT_SIDE, ImageMemory, ImageProblem, Picture, prepare_image, since_picture
 from .limits import TokenBucket, clean_text
-from .messages import Incoming, ReplySurface
-from .personas import DEFAULT_PERSONA, Persona, build_personas
+from .messages import Incoming, ReplyContext, ReplySurface
+from .personas import Persona, build_personas
 from .responders import ChatResponder, Responder, Turn
 from .store import VISIBLE, HistoryStore
 from .streaming import ReplyStream
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SAVE_EVERY = 2.0  # seconds between writes of a growing answer to the database
 REFUSAL_EVERY = 60.0  # at most one refusal per minute per unknown user
+STOP_WAIT = 10.0  # seconds stopped answers get to close at shutdown before they are cancelled
 
 
 @dataclass
@@ -39,10 +44,20 @@ class Session:
     cancel: Cancel | None = None
 
 
-CommandHandler = Callable[["App", Incoming, ReplySurface, str, str], Awaitable[None]]
+@dataclass
+class Request:
+    """One user action on its way through the core; the session key is derived once, here."""
 
-# Commands in menu order; each has an i18n description key "cmd_<name>".
-MENU = ["start", "help", "chat", "bajie", "agent", "image", "reset", "stop", "persona"]
+    msg: Incoming
+    surface: ReplySurface
+    key: str
+    command: str | None
+    args: str
+    feature: Feature | None  # the feature that serves it (None: an unknown command)
+
+    @property
+    def lang(self) -> str:
+        return self.msg.lang
 
 
 def role_specs(settings: Settings) -> dict[str, RoleSpec]:
@@ -70,6 +85,7 @@ def role_specs(settings: Settings) -> dict[str, RoleSpec]:
     return specs
 
 
+
 class App:
     def __init__(
         self,
@@ -78,7 +94,10 @@ class App:
         hub: ModelHub | None = None,
         store: HistoryStore | None = None,
         clock: Callable[[], float] = time.monotonic,
+        features: Sequence[Feature] = FEATURES,
     ) -> None:
+        self.features = Catalogue(features)  # first: a wrong declaration stops the start before anything opens
+        register(self.features.texts())
         self.settings = settings
         self.clock = clock
         self.hub = hub or ModelHub(role_specs(settings))
@@ -86,26 +105,23 @@ class App:
         if self.store.recovered:
             log.warning("marked %d answers cut by a previous crash as interrupted", self.store.recovered)
         self.access = AccessPolicy(settings)
-        self.rate = TokenBucket(settings.rate_limit_messages, settings.rate_limit_per_minute, clock)
-        self.agent_rate = TokenBucket(settings.agent_rate_limit_messages, settings.agent_rate_limit_per_minute, clock)
-        self.personas: dict[str, Persona] = build_personas(settings)
-        self.responders: dict[str, Responder] = {name: ChatResponder(self.hub) for name in self.personas}
+        self.buckets = {
+            name: TokenBucket(getattr(settings, size), getattr(settings, refill), clock)
+            for name, (size, refill) in RATE_BUCKETS.items()
+        }
+        self.personas: dict[str, Persona] = build_personas(settings, self.features.features)
+        self.responders: dict[str, Responder] = {
+            f.persona: f.responder(self) if f.responder else ChatResponder(self.hub)
+            for f in self.features.features if f.persona
+        }
+        self.images = ImageMemory()  # the picture each session is talking about
         self.sessions: dict[str, Session] = {}
-        self.help_sections: list[Callable[[str], str]] = []  # features add lines to /help
-        self.image_handler: Callable[[App, Incoming, ReplySurface, str, str], Awaitable[None]] | None = None
         self._refused: dict[str, float] = {}
-        self._tasks: set[asyncio.Task] = set()
-
-    # -- extension points for features (agent, images) ------------------------------
-    def add_persona(self, persona: Persona, responder: Responder) -> None:
-        self.personas[persona.name] = persona
-        self.responders[persona.name] = responder
-
-    def persona_for_command(self, command: str) -> Persona | None:
-        return next((p for p in self.personas.values() if p.command == command), None)
+        self._inflight: dict[asyncio.Task, tuple[str, str]] = {}  # answers being handled → (platform, session key)
 
     # -- identity --------------------------------------------------------------------
     def session_key(self, msg: Incoming) -> str:
+        """The one derivation of a conversation's key: platform + chat + user (+ thread)."""
         user = "*" if msg.is_group and self.settings.group_sessions == "shared" else msg.user_id
         key = f"{msg.platform}:{msg.chat_id}:{user}"
         return f"{key}:{msg.thread_id}" if msg.thread_id else key
@@ -119,29 +135,57 @@ class App:
         name = self.store.persona(key, DEFAULT_PERSONA)
         return self.personas.get(name) or self.personas[DEFAULT_PERSONA]
 
-    def commands(self) -> list[tuple[str, str]]:
-        """(command, description key) for platform menus."""
-        return [(name, f"cmd_{name}") for name in MENU]
+    def menu(self, platform: str | None = None) -> list[Feature]:
+        """The commands for a platform's command menu, in order."""
+        return self.features.menu(platform)
 
-    # -- the entry point ---------------------------------------------------------------
+    def _context(self, req: Request, persona: Persona) -> None:
+        """Tell the surface what it may show besides the text (it never asks the App)."""
+        req.surface.context = ReplyContext(req.lang, t(persona.title_key, req.lang), persona.name)
+
+    # -- the entry points ----------------------------------------------------------------
     async def handle(self, msg: Incoming, surface: ReplySurface) -> None:
-        lang = lang_of(msg.language)
-        try:
-            if not self.access.allows(msg):
-                await self._refuse(msg, surface, lang)
-                return
-            command, args = self._parse(msg)
-            if msg.image is not None:
-                await self._image(msg, surface, args, lang)
-            elif command is None:
-                await self.ask(msg, surface, self.current_persona(self.session_key(msg)), args, lang)
-            else:
-                await self._command(msg, surface, command, args, lang)
-        except Exception:
-            log.exception("handling a %s message failed", msg.platform)
-            await self._notice(surface, t("internal_error", lang))
+        key = self.session_key(msg)
+        with self._tracked(msg.platform, key):
+            try:
+                req = self._route(msg, surface, key)
+                self._context(req, self.current_persona(req.key))
+                if await self._admitted(req):
+                    await self._dispatch(req)
+            except Exception:
+                log.exception("handling a %s message failed", msg.platform)
+                await self._notice(surface, t("internal_error", msg.lang))
 
-    def _parse(self, msg: Incoming) -> tuple[str | None, str]:
+    async def regenerate(self, msg: Incoming, surface: ReplySurface) -> None:
+        """Ask the last question of the current persona again, replacing its answer."""
+        key = self.session_key(msg)
+        with self._tracked(msg.platform, key):
+            persona = self.current_persona(key)
+            req = Request(msg, surface, key, None, "", self.features.by_persona.get(persona.name))
+            self._context(req, persona)
+            if not await self._admitted(req):
+                return
+            async with self.session(key).lock:
+                last = next((m for m in reversed(self.store.history(key, persona.name)) if m.role == "user"), None)
+                if last is not None:
+                    self.store.delete_from(key, persona.name, last.id)
+            if last is None:
+                await self._notice(surface, t("regenerate_nothing", req.lang))
+            else:
+                await self.ask(req, persona, last.content, attachment=last.attachment)
+
+    def _route(self, msg: Incoming, surface: ReplySurface, key: str) -> Request:
+        command, args = self._parse(msg)
+        if msg.image is not None:
+            feature = self.features.taking_images()
+        elif command is None:
+            feature = self.features.by_persona.get(self.current_persona(key).name)
+        else:
+            feature = self.features.by_command.get(command)
+        return Request(msg, surface, key, command, args, feature)
+
+    @staticmethod
+    def _parse(msg: Incoming) -> tuple[str | None, str]:
         if msg.command is not None:
             return msg.command.lower(), msg.text
         text = msg.text.lstrip()
@@ -153,18 +197,22 @@ class App:
             rest = more + (" " + rest if rest else "")
         return head.split("@", 1)[0].lower(), rest.strip()
 
-    async def _refuse(self, msg: Incoming, surface: ReplySurface, lang: str) -> None:
-        who = f"{msg.platform}:{msg.user_id}"
-        log.info("refused %s (chat %s): not on the allowlist", who, msg.chat_id)
-        last = self._refused.get(who)
-        if last is None or self.clock() - last >= REFUSAL_EVERY:
-            self._refused[who] = self.clock()
-            await self._notice(surface, t("not_allowed", lang))
-
-    async def _refuse_persona(self, msg: Incoming, surface: ReplySurface, persona: Persona, lang: str) -> None:
-        log.info("refused %s:%s for the %s persona", msg.platform, msg.user_id, persona.name)
-        key = f"{persona.role}_not_allowed"  # a feature may say it its own way
-        await self._notice(surface, t(key if key in TEXTS else "not_allowed", lang))
+    # -- access: checked once per request, for the feature that serves it ---------------
+    async def _admitted(self, req: Request) -> bool:
+        msg = req.msg
+        if not self.access.allows(msg):
+            who = f"{msg.platform}:{msg.user_id}"
+            log.info("refused %s (chat %s): not on the allowlist", who, msg.chat_id)
+            last = self._refused.get(who)
+            if last is None or self.clock() - last >= REFUSAL_EVERY:
+                self._refused[who] = self.clock()
+                await self._notice(req.surface, t("not_allowed", req.lang))
+            return False
+        if req.feature is not None and not self.access.allows_feature(msg, req.feature):
+            log.info("refused %s:%s for /%s", msg.platform, msg.user_id, req.feature.command)
+            await self._notice(req.surface, t(req.feature.refusal_key, req.lang))
+            return False
+        return True
 
     async def _notice(self, surface: ReplySurface, text: str) -> None:
         try:
@@ -173,51 +221,55 @@ class App:
             log.exception("could not send a notice")
 
     # -- commands ------------------------------------------------------------------------
-    async def _command(self, msg: Incoming, surface: ReplySurface, command: str, args: str, lang: str) -> None:
-        key = self.session_key(msg)
+    async def _dispatch(self, req: Request) -> None:
+        feature, lang = req.feature, req.lang
+        if feature is None and req.msg.image is not None:
+            await self._notice(req.surface, t("not_available", lang, feature=t("feature_image", lang)))
+        elif feature is None:
+            log.info("unknown command /%s from %s:%s", (req.command or "")[:32], req.msg.platform, req.msg.user_id)
+            await self._notice(req.surface, t("unknown_command", lang, command=(req.command or "")[:32]))
+        elif feature.persona is None:
+            await self._control(req, feature.command)
+        elif feature.argument == "image" and (req.msg.image is not None or req.command is not None):
+            await self._image(req, self.personas[feature.persona])
+        elif req.command is None:
+            await self.ask(req, self.personas[feature.persona], req.args)
+        else:
+            persona = self.personas[feature.persona]
+            self.store.set_persona(req.key, persona.name)
+            self._context(req, persona)
+            if req.args.strip():
+                await self.ask(req, persona, req.args)
+            else:
+                await self._notice(req.surface, t(persona.greeting_key, lang))
+
+    async def _control(self, req: Request, command: str) -> None:
+        """The commands that select no persona (declared in bot/features.py without one)."""
+        lang, key = req.lang, req.key
         if command in ("start", "help"):
-            await self._notice(surface, self.help_text(key, lang, greeting=command == "start"))
+            text = self.help_text(key, lang, greeting=command == "start")
         elif command == "persona":
-            await self._notice(surface, t("persona_current", lang, persona=t(self.current_persona(key).title_key, lang)))
+            text = t("persona_current", lang, persona=t(self.current_persona(key).title_key, lang))
         elif command == "reset":
             persona = self.current_persona(key)
             self.store.reset(key, persona.name)
-            await self._notice(surface, t("reset_done", lang, persona=t(persona.title_key, lang)))
+            text = t("reset_done", lang, persona=t(persona.title_key, lang))
         elif command == "stop":
-            stopped = self.stop(key)
-            await self._notice(surface, t("stop_done" if stopped else "stop_nothing", lang))
-        elif command == "image":
-            await self._image(msg, surface, args, lang)
-        elif (persona := self.persona_for_command(command)) is not None:
-            if not self.access.allows_role(msg, persona.role):
-                await self._refuse_persona(msg, surface, persona, lang)
-                return
-            self.store.set_persona(key, persona.name)
-            if args.strip():
-                await self.ask(msg, surface, persona, args, lang)
-            else:
-                await self._notice(surface, t(persona.greeting_key, lang))
-        elif command == "agent":
-            await self._notice(surface, t("not_available", lang, feature=t("feature_agent", lang)))
+            text = t("stop_done" if self.stop(key) else "stop_nothing", lang)
         else:
-            log.info("unknown command /%s from %s:%s", command[:32], msg.platform, msg.user_id)
-            await self._notice(surface, t("unknown_command", lang, command=command[:32]))
+            raise ValueError(f"/{command} is declared without a persona but the core does not implement it")
+        await self._notice(req.surface, text)
 
     def help_text(self, key: str, lang: str, *, greeting: bool = False) -> str:
-        lines = [f"/{name} — {t(desc, lang)}" for name, desc in self.commands()]
+        lines = [f"/{f.command} — {t(f.description_key, lang)}" for f in self.menu()]
         commands = t("help_header", lang) + "\n" + "\n".join(lines)
-        for section in self.help_sections:
-            commands += "\n\n" + section(lang)
+        for feature in self.menu():
+            if feature.help is not None:
+                commands += "\n\n" + feature.help(self.responders.get(feature.persona or ""), lang)
         persona = t(self.current_persona(key).title_key, lang)
         if greeting:
             return t("start", lang, commands=commands, persona=persona)
         return commands + "\n\n" + t("help_footer", lang) + "\n" + t("persona_current", lang, persona=persona)
-
-    async def _image(self, msg: Incoming, surface: ReplySurface, args: str, lang: str) -> None:
-        if self.image_handler is None:
-            await self._notice(surface, t("not_available", lang, feature=t("feature_image", lang)))
-        else:
-            await self.image_handler(self, msg, surface, args, lang)
 
     def stop(self, key: str) -> bool:
         """Cancel the answer in flight for this session (not the ones queued behind it)."""
@@ -227,67 +279,99 @@ class App:
             return True
         return False
 
-    async def regenerate(self, msg: Incoming, surface: ReplySurface) -> None:
-        """Ask the last question of the current persona again, replacing its answer."""
-        lang = lang_of(msg.language)
-        if not self.access.allows(msg):
-            await self._refuse(msg, surface, lang)
+    def stop_for(self, msg: Incoming) -> bool:
+        """/stop on behalf of the author of `msg` (a Stop button, Ctrl-C): adapters never build keys."""
+        return self.stop(self.session_key(msg))
+
+    # -- pictures ------------------------------------------------------------------------
+    async def _image(self, req: Request, persona: Persona) -> None:
+        """A message with a picture, or the picture persona's command: take the picture in once
+        (checked, shrunk, remembered for the session) and ask about it."""
+        lang, key = req.lang, req.key
+        if req.msg.image is None:  # the command without a picture: switch, and ask if a picture is there
+            if self.current_persona(key).name != persona.name:
+                self.images.forget(key)  # coming back from another persona starts afresh
+            self.store.set_persona(key, persona.name)
+            self._context(req, persona)
+            if req.args.strip() and self.images.get(key) is not None:
+                await self.ask(req, persona, req.args)
+            else:
+                await self._notice(req.surface, t("image_needed" if req.args.strip() else persona.greeting_key, lang))
             return
-        key = self.session_key(msg)
-        persona = self.current_persona(key)
-        async with self.session(key).lock:
-            last = next((m for m in reversed(self.store.history(key, persona.name)) if m.role == "user"), None)
-            if last is not None:
-                self.store.delete_from(key, persona.name, last.id)
-        if last is None:
-            await self._notice(surface, t("regenerate_nothing", lang))
-        else:
-            await self.ask(msg, surface, persona, last.content, lang, attachment=last.attachment)
+        picture = await self._take_in(req, persona)
+        if picture is None:
+            return
+        self.store.set_persona(key, persona.name)
+        self._context(req, persona)
+        question = req.args.strip() or t("image_describe_question", lang)
+        await self.ask(req, persona, question, attachment=picture.marker())
+
+    async def _take_in(self, req: Request, persona: Persona) -> Picture | None:
+        msg, image = req.msg, req.msg.image
+        assert image is not None
+        capabilities = self.hub.get(persona.role).capabilities  # loaded already? then its picture size is known
+        side = (capabilities and capabilities.image_side) or DEFAULT_SIDE
+        started = time.perf_counter()
+        try:
+            prepared = await prepare_image(
+                image, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels, side=side
+            )
+        except ImageProblem as problem:
+            log.info(
+                "refused an image from %s:%s (%r, %s bytes declared): %s",
+                msg.platform, msg.user_id, image.filename[:64], image.size, problem,
+            )
+            await self._notice(req.surface, t(problem.key, req.lang, **problem.values))
+            return None
+        log.info(
+            "image from %s:%s: %s → %dx%d in %.0f ms",
+            msg.platform, msg.user_id, prepared.describe(), *prepared.image.size, (time.perf_counter() - started) * 1000,
+        )
+        return self.images.put(req.key, uuid.uuid4().hex[:12], prepared)
 
     # -- asking a persona ----------------------------------------------------------------
-    async def ask(
-        self, msg: Incoming, surface: ReplySurface, persona: Persona, text: str, lang: str,
-        *, attachment: str | None = None, image: object = None,
-    ) -> None:
-        if not self.access.allows_role(msg, persona.role):  # also plain messages in a shared group session
-            await self._refuse_persona(msg, surface, persona, lang)
-            return
+    async def ask(self, req: Request, persona: Persona, text: str, *, attachment: str | None = None) -> None:
+        msg, lang = req.msg, req.lang
         text, problem = clean_text(text, self.settings.max_input_chars)
         if problem is not None:
             log.info("rejected input from %s:%s: %s", msg.platform, msg.user_id, problem.key)
-            await self._notice(surface, t(problem.key, lang, **problem.values))
+            await self._notice(req.surface, t(problem.key, lang, **problem.values))
             return
         tenant = f"{msg.platform}:{msg.user_id}"
-        bucket = self.agent_rate if persona.role == "agent" else self.rate
-        wait = bucket.take(tenant)
+        feature = self.features.by_persona.get(persona.name)
+        wait = self.buckets[feature.bucket if feature else "messages"].take(tenant)
         if wait:
             log.info("rate-limited %s for %.0fs", tenant, wait)
-            await self._notice(surface, t("rate_limited", lang, seconds=max(1, round(wait))))
+            await self._notice(req.surface, t("rate_limited", lang, seconds=max(1, round(wait))))
             return
-        key = self.session_key(msg)
-        session = self.session(key)
-        stream = ReplyStream(surface).start()
+        session = self.session(req.key)
+        self._context(req, persona)
+        stream = ReplyStream(req.surface).start()
         if session.lock.locked():
             stream.set_status(t("queued_session", lang))
         try:
             async with session.lock:
-                await self._answer(msg, session, persona, text, lang, stream, attachment, image, tenant)
+                turn = self._turn(req, session, persona, text, tenant, stream, attachment)
+                await self._answer(turn, stream)
         finally:  # also on cancellation (shutdown): close the reply cleanly
             await asyncio.shield(stream.finish(empty_text=t("stopped_mark", lang)))
 
-    async def _answer(
-        self, msg: Incoming, session: Session, persona: Persona, text: str, lang: str,
-        stream: ReplyStream, attachment: str | None, image: object, tenant: str,
-    ) -> None:
-        key = session.key
-        history = [
-            ChatMessage(m.role, m.content)
-            for m in self.store.history(key, persona.name)
-            if m.status in VISIBLE and m.content
-        ]
-        self.store.add(key, persona.name, "user", text, attachment=attachment)
-        answer_id = self.store.add(key, persona.name, "assistant", "", status="streaming")
-        cancel = session.cancel = Cancel()
+    def _turn(
+        self, req: Request, session: Session, persona: Persona, text: str, tenant: str, stream: ReplyStream,
+        attachment: str | None,
+    ) -> Turn:
+        """Everything the responder needs, read once: the history (since the picture, for a
+        picture persona) and the picture itself; then the question is stored."""
+        lang = req.lang
+        rows = self.store.history(session.key, persona.name)
+        picture = None
+        if persona.argument == "image":
+            since, token = since_picture(rows, attachment)
+            remembered = self.images.get(session.key)
+            picture = remembered if remembered is not None and token is not None and remembered.token == token else None
+            rows = rows[since:]
+        history = [ChatMessage(m.role, m.content) for m in rows if m.status in VISIBLE and m.content]
+        self.store.add(session.key, persona.name, "user", text, attachment=attachment)
 
         def on_wait(kind: str, n: int) -> None:
             if kind == "queued":
@@ -297,7 +381,12 @@ class App:
             elif stream.status:  # replace a queue notice; otherwise show nothing until text
                 stream.set_status(t("thinking", lang))
 
-        turn = Turn(msg, key, tenant, persona, history, text, lang, cancel, on_wait, image=image)
+        session.cancel = Cancel()
+        return Turn(req.msg, session.key, tenant, persona, history, text, lang, session.cancel, on_wait, picture=picture)
+
+    async def _answer(self, turn: Turn, stream: ReplyStream) -> None:
+        key, persona, lang, cancel = turn.session_key, turn.persona, turn.lang, turn.cancel
+        answer_id = self.store.add(key, persona.name, "assistant", "", status="streaming")
         status, suffix = "ok", ""
         saved_at = self.clock()
         try:
@@ -310,23 +399,63 @@ class App:
             if cancel.is_set:
                 status, suffix = "stopped", t("stopped_mark", lang)
         except ModelError as exc:
-            log.error("%s failed for %s: %s", persona.name, tenant, exc)
+            log.error("%s failed for %s: %s", persona.name, turn.tenant, exc)
             status, suffix = "failed", t(exc.user_message_key, lang)
         except asyncio.CancelledError:  # shutdown: mark what was shown as stopped, then go
             status = "stopped"
             stream.feed(("\n\n" if stream.text else "") + t("stopped_mark", lang))
             raise
         except Exception:
-            log.exception("%s failed for %s", persona.name, tenant)
+            log.exception("%s failed for %s", persona.name, turn.tenant)
             status, suffix = "failed", t("internal_error", lang)
         finally:
-            session.cancel = None
+            self.sessions[key].cancel = None
             answer = turn.stored_answer if turn.stored_answer is not None else stream.text
             self.store.update(answer_id, answer, status)
             log.info(
                 "answered %s as %s: %s, %d prompt + %d answer tokens",
-                tenant, persona.name, status, turn.stats.prompt_tokens, turn.stats.completion_tokens,
+                turn.tenant, persona.name, status, turn.stats.prompt_tokens, turn.stats.completion_tokens,
             )
         if suffix:
             stream.feed(("\n\n" if stream.text else "") + suffix)
         await stream.finish(empty_text=t("empty_answer", lang))
+
+    # -- shutdown: one policy for every adapter --------------------------------------------
+    @contextmanager
+    def _tracked(self, platform: str, key: str) -> Iterator[None]:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight[task] = (platform, key)
+        try:
+            yield
+        finally:
+            if task is not None:
+                self._inflight.pop(task, None)
+
+    def _answering(self, platform: str) -> set[asyncio.Task]:
+        return {task for task, (where, _) in self._inflight.items() if where == platform and not task.done()}
+
+    async def drain(self, platform: str) -> None:
+        """Called by an adapter at shutdown, after it stopped taking new messages and before it
+        closes its connection: the answers in flight get SHUTDOWN_GRACE seconds to finish; then
+        they are stopped like /stop (again while queued ones start), which still delivers their
+        text with a "stopped" mark; whatever still hangs after STOP_WAIT is cancelled."""
+        pending = self._answering(platform)
+        if not pending:
+            return
+        grace = self.settings.shutdown_grace
+        log.info("%s: letting %d answer(s) finish (up to %.1f s)", platform, len(pending), grace)
+        await asyncio.wait(pending, timeout=grace)
+        pending = self._answering(platform)
+        if pending:
+            log.warning("%s: stopping %d answer(s) still running", platform, len(pending))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_WAIT
+        while pending and loop.time() < deadline:
+            for key in {self._inflight[task][1] for task in pending if task in self._inflight}:
+                self.stop(key)
+            await asyncio.wait(pending, timeout=0.2)
+            pending = self._answering(platform)
+        for task in pending:
+            task.cancel()  # once: the core's finally still closes the reply
+        await asyncio.gather(*pending, return_exceptions=True)

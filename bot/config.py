@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     agent_rate_limit_messages: int = Field(3, ge=1)
     agent_rate_limit_per_minute: float = Field(6.0, gt=0)
     group_sessions: Literal["per_user", "shared"] = "per_user"
+    shutdown_grace: float = Field(20.0, ge=0)  # seconds answers in flight get to finish at shutdown
 
     # --- Telegram ---------------------------------------------------------------------
     telegram_bot_token: SecretStr = SecretStr("")

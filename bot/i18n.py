@@ -24,31 +24,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "en": "Plain messages go to the current persona. History is kept per persona until /reset.",
         "zh": "普通消息发给当前角色。每个角色的对话历史会一直保留，直到 /reset。",
     },
-    # --- command descriptions (also used for platform command menus) ----------------
-    "cmd_start": {"en": "What this bot can do", "zh": "机器人能做什么"},
-    "cmd_help": {"en": "List the commands", "zh": "列出所有命令"},
-    "cmd_chat": {"en": "Talk to InternLM2-Chat", "zh": "与书生·浦语对话"},
-    "cmd_bajie": {"en": "Talk to Bajie (猪八戒)", "zh": "与猪八戒对话"},
-    "cmd_agent": {"en": "Ask the agent (it can run Python)", "zh": "让智能体解决问题（可运行 Python）"},
-    "cmd_image": {"en": "Ask about an image", "zh": "就图片提问"},
-    "cmd_reset": {"en": "Forget this persona's conversation", "zh": "清除当前角色的对话历史"},
-    "cmd_stop": {"en": "Stop the current answer", "zh": "停止当前回答"},
-    "cmd_persona": {"en": "Show who is answering", "zh": "查看当前角色"},
-    # --- personas ---------------------------------------------------------------------
-    "persona_internlm": {"en": "InternLM", "zh": "书生·浦语"},
-    "persona_bajie": {"en": "Bajie (猪八戒)", "zh": "猪八戒"},
-    "persona_agent": {"en": "Agent", "zh": "智能体"},
-    "persona_vision": {"en": "Image chat", "zh": "看图对话"},
-    "greeting_internlm": {
-        "en": "Now talking to InternLM. Ask me anything.",
-        "zh": "现在由书生·浦语为你服务，请随便问。",
-    },
-    "greeting_bajie": {"en": "Bajie here! 俺老猪来也。", "zh": "俺老猪来也！有什么吃的……啊不，有什么要问的？"},
-    "greeting_agent": {
-        "en": "Now talking to the agent: it can write and run Python to answer.",
-        "zh": "现在由智能体为你服务：它会编写并运行 Python 来解答。",
-    },
-    "greeting_vision": {"en": "Send a photo with a question.", "zh": "请发送图片并附上问题。"},
+    # command descriptions, persona titles and greetings are declared with each feature
+    # (bot/features.py) and registered when an App is built
     "persona_current": {"en": "Current persona: {persona}.", "zh": "当前角色：{persona}。"},
     # --- session ----------------------------------------------------------------------
     "reset_done": {"en": "Forgot the conversation with {persona}.", "zh": "已清除与{persona}的对话历史。"},
@@ -81,7 +58,6 @@ TEXTS: dict[str, dict[str, str]] = {
         "en": "{feature} is not available yet on this bot.",
         "zh": "本机器人暂不支持{feature}。",
     },
-    "feature_agent": {"en": "The agent (/agent)", "zh": "智能体（/agent）"},
     "feature_image": {"en": "Image questions", "zh": "图片问答"},
     # --- model problems -----------------------------------------------------------
     "model_failed": {

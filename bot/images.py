@@ -8,7 +8,13 @@ Platform-neutral (Pillow only). The order of checks keeps bad files cheap:
 5. decoding (truncated or corrupt data fails here), JPEGs at a reduced DCT scale (`draft`);
 6. EXIF orientation, first frame of an animation, RGB, and a downscale to `side`.
 The downloaded bytes and the full-size decode are dropped on return; only the small picture
-lives on (in the session's memory, see `bot/vision_feature.py`).
+lives on, in `ImageMemory` (the picture each session is talking about).
+
+What is stored where: the picture lives only in `ImageMemory` (RAM, capped, idle entries
+dropped); the history database records the question with an attachment marker
+`image:<token> <format> <w>x<h> <size>`. The token ties the conversation in the database to the
+picture in memory: once /reset deletes the marked row, or a restart empties the memory, a
+follow-up finds no picture and the user is asked for it again.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ import asyncio
 import io
 import logging
 import math
+import time
 import warnings
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -182,3 +191,101 @@ def _megapixels_of(exc: Exception) -> str:
 
     m = re.search(r"\((\d+) pixels\)", str(exc))
     return _mp(int(m.group(1))) if m else "?"
+
+
+# -- the picture a conversation is about --------------------------------------------------------
+
+MARKER = "image:"
+MEMORY_BYTES = 256 * 2**20  # decoded pictures kept for follow-ups, all sessions together
+MEMORY_IDLE_SECONDS = 6 * 3600  # a picture nobody asked about for this long is dropped
+
+
+@dataclass
+class Picture:
+    """A session's picture, carried by the turn into the responder."""
+
+    token: str  # ties it to the history row whose attachment marker names it
+    prepared: PreparedImage
+    used: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return self.prepared.nbytes
+
+    def image_for(self, side: int) -> Image.Image:
+        """The picture at most `side` pixels on its long side (0: as taken in). Taken in before the
+        model was loaded, it was shrunk to DEFAULT_SIDE; the model's own size is applied once
+        and kept, so follow-ups do not shrink it again."""
+        image = self.prepared.image
+        if side and max(image.size) > side:
+            image = image.copy()
+            image.thumbnail((side, side), Image.Resampling.BICUBIC)
+            self.prepared = replace(self.prepared, image=image)
+        return image
+
+    def marker(self) -> str:
+        return f"{MARKER}{self.token} {self.prepared.describe()}"
+
+
+def token_of(attachment: str | None) -> str | None:
+    if not attachment or not attachment.startswith(MARKER):
+        return None
+    return attachment[len(MARKER) :].split(" ", 1)[0]
+
+
+def since_picture(rows: Sequence, attachment: str | None) -> tuple[int, str | None]:
+    """Where the conversation about the current picture starts in `rows` (the stored history,
+    oldest first, objects with an `attachment`), and the picture's token. A turn that brings its
+    own marked attachment starts a new conversation: (len(rows), its token)."""
+    if token_of(attachment):
+        return len(rows), token_of(attachment)
+    anchor = next((i for i in range(len(rows) - 1, -1, -1) if token_of(rows[i].attachment)), None)
+    return (len(rows), None) if anchor is None else (anchor, token_of(rows[anchor].attachment))
+
+
+class ImageMemory:
+    """The picture each session is talking about. In RAM only; least recently used pictures
+    are dropped beyond `max_bytes`, and any picture idle for `idle_seconds`."""
+
+    def __init__(
+        self, max_bytes: int = MEMORY_BYTES, idle_seconds: float = MEMORY_IDLE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.idle_seconds = idle_seconds
+        self.clock = clock
+        self._items: OrderedDict[str, Picture] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(item.nbytes for item in self._items.values())
+
+    def put(self, key: str, token: str, picture: PreparedImage) -> Picture:
+        self.forget(key)
+        item = self._items[key] = Picture(token, picture, self.clock())
+        self._evict()
+        return item
+
+    def get(self, key: str) -> Picture | None:
+        self._evict()
+        item = self._items.get(key)
+        if item is not None:
+            item.used = self.clock()
+            self._items.move_to_end(key)
+        return item
+
+    def forget(self, key: str) -> None:
+        self._items.pop(key, None)
+
+    def _evict(self) -> None:
+        now = self.clock()
+        total = self.nbytes
+        while self._items:
+            key, oldest = next(iter(self._items.items()))
+            if total <= self.max_bytes and now - oldest.used < self.idle_seconds:
+                break
+            total -= oldest.nbytes
+            self.forget(key)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Literal, Protocol
 
+from .i18n import lang_of
+
 
 @dataclass(frozen=True)
 class ImageAttachment:
@@ -42,6 +44,23 @@ class Incoming:
     user_name: str = ""
     image: ImageAttachment | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # adapter-private data, ignored by the core
+
+    @property
+    def lang(self) -> str:
+        """The language the bot answers this user in ("en" or "zh"): the one recipe for it."""
+        return lang_of(self.language)
+
+
+@dataclass(frozen=True)
+class ReplyContext:
+    """What a surface may show besides the answer, given by the core (surfaces never ask the App).
+
+    The core sets `surface.context` before the first write of every reply: for a notice the
+    user's language and current persona, for an answer the persona that answers."""
+
+    lang: str  # "en" or "zh"
+    persona: str  # the answering persona's title in `lang` ("InternLM", "猪八戒")
+    persona_name: str  # its stable name ("internlm", "bajie")
 
 
 @dataclass(frozen=True)
@@ -84,6 +103,7 @@ class ReplySurface(Protocol):
     """
 
     limits: SurfaceLimits
+    context: ReplyContext | None  # set by the core before the first write (see ReplyContext)
 
     async def post(self, text: str, *, phase: Phase) -> Any: ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 from models.base import GenerationParams
 
@@ -25,11 +26,14 @@ BAJIE_SYSTEM_PROMPT = (
 
 @dataclass(frozen=True)
 class Persona:
+    """A persona at run time: a declared feature (bot/features.py) with the settings applied."""
+
     name: str  # stored in the database; stable
     command: str  # the command that selects it
     role: str  # the model role it talks to
     system_prompt: str | None
     params: GenerationParams
+    argument: str = "prompt"  # "image" for a persona that talks about a picture
 
     @property
     def title_key(self) -> str:
@@ -40,15 +44,16 @@ class Persona:
         return f"greeting_{self.name}"
 
 
-def build_personas(settings: Settings) -> dict[str, Persona]:
-    params = GenerationParams(
-        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
-    )
-    personas = [
-        Persona("internlm", "chat", "chat", settings.chat_system_prompt or INTERNLM_SYSTEM_PROMPT, params),
-        Persona("bajie", "bajie", "bajie", settings.bajie_system_prompt or BAJIE_SYSTEM_PROMPT, params),
-    ]
-    return {p.name: p for p in personas}
+def params_from(settings: Settings) -> GenerationParams:
+    """The generation parameters every persona uses (one place that reads them from settings)."""
+    return GenerationParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p)
 
 
-DEFAULT_PERSONA = "internlm"
+def build_personas(settings: Settings, features: Iterable) -> dict[str, Persona]:
+    """One persona per declared feature that selects one."""
+    params = params_from(settings)
+    return {
+        f.persona: Persona(f.persona, f.command, f.role, f.system_prompt(settings), params, f.argument)
+        for f in features
+        if f.persona
+    }

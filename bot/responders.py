@@ -2,18 +2,20 @@
 
 The plain chat responder (InternLM, Bajie) sends the persona's system prompt, the history that
 fits the model's context and the question to the persona's model. The agent and the image
-conversation plug in their own responders with the same shape.
+conversation plug in their own responders with the same shape (declared in bot/features.py).
+A turn carries everything its responder needs: responders never read the store.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import AsyncIterator, Protocol
 
 from models.base import Cancel, ChatBackend, ChatMessage, StreamStats
 from models.prompting import trim_history
 from models.registry import ModelHub, WaitCallback
 
+from .images import Picture
 from .messages import Incoming
 from .personas import Persona
 
@@ -24,12 +26,13 @@ class Turn:
     session_key: str
     tenant: str  # whose turn it is, for fair queueing
     persona: Persona
-    history: list[ChatMessage]  # what the user and the persona said before, oldest first
+    history: list[ChatMessage]  # what the user and the persona said before, oldest first (for a
+    # persona that talks about a picture: since the picture came)
     text: str  # the question, cleaned
     lang: str
     cancel: Cancel
     on_wait: WaitCallback
-    image: Any = None  # a prepared image for the vision persona
+    picture: Picture | None = None  # the picture the turn is about (image personas), taken in once
     stats: StreamStats = field(default_factory=StreamStats)
     stored_answer: str | None = None  # set by a responder to store something else than it showed
 

@@ -3,8 +3,9 @@
 `ScheduledLLM` is a lagent LLM (a `lagent.llms.BaseModel`) that generates through the role's
 `ScheduledModel`, so the agent shares loading, the fair queue, cancellation and the loaded
 weights with every other persona. lagent's loop is synchronous: `run_agent` drives it on its own
-thread and hands each `AgentReturn` state back to the event loop; model steps and sandbox runs
-are in turn handed from that thread to the event loop (`run_coroutine_threadsafe`).
+thread, decodes each `AgentReturn` state into typed events (agent_events.py) and hands them
+to the event loop; model steps and sandbox runs are in turn handed from that thread to the
+event loop (`run_coroutine_threadsafe`).
 
 Cancellation: `cancel` stops a generation within a step (the backend's stopping criterion), a
 sandbox run within a step (the process is killed), and the loop between steps.
@@ -13,11 +14,11 @@ sandbox run within a step (the process is killed), and the loop between steps.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import threading
 from contextlib import aclosing
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence
 
@@ -25,10 +26,11 @@ import lagent.agents.internlm2_agent as _internlm2_agent
 from lagent.actions import ActionExecutor
 from lagent.agents.internlm2_agent import META_CN, PLUGIN_CN, Internlm2Agent, Internlm2Protocol
 from lagent.llms import BaseModel
-from lagent.schema import AgentReturn, AgentStatusCode, ModelStatusCode
+from lagent.schema import AgentStatusCode, ModelStatusCode
 
+from .agent_events import AgentEvent, StepDecoder, history_steps, stored_steps  # noqa: F401  (stored_steps: the format, for tests)
 from .agent_tools import ArxivPapers, SandboxedPython
-from .base import Cancel, ChatBackend, ChatMessage, GenerationParams, ModelError, StreamStats
+from .base import Cancel, ChatBackend, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
 from .prompting import trim_history
 from .registry import ScheduledModel, WaitCallback
 from .sandbox import Sandbox
@@ -49,7 +51,6 @@ INTERPRETER_PROMPT = (
 )
 
 TOOL_NAMES = {"interpreter": "<|interpreter|>", "plugin": "<|plugin|>"}
-STORED_KEY = "agent_steps"  # marks an assistant message stored by the agent (JSON)
 
 
 def make_protocol() -> Internlm2Protocol:
@@ -88,27 +89,6 @@ def fit_history(
     return trim_history(count_tokens, budget, system, history, current)
 
 
-# -- history: what is stored between turns -----------------------------------------------------
-def stored_steps(steps: list[dict]) -> str:
-    """An agent turn (lagent inner steps after the user message) as the stored answer."""
-    return json.dumps({STORED_KEY: steps}, ensure_ascii=False)
-
-
-def history_steps(history: Sequence[ChatMessage]) -> list[dict]:
-    """Stored history (user messages and stored answers) as lagent inner steps."""
-    steps: list[dict] = []
-    for m in history:
-        if m.role == "assistant":
-            try:
-                data = json.loads(m.content)
-                steps.extend(data[STORED_KEY])
-                continue
-            except (ValueError, TypeError, KeyError):
-                pass  # an answer stored as plain text (e.g. cut by a crash)
-        steps.append({"role": m.role, "content": m.content})
-    return steps
-
-
 # -- the LLM adapter ---------------------------------------------------------------------------
 @dataclass
 class StepContext:
@@ -133,7 +113,6 @@ class ScheduledLLM(BaseModel):
         self.model = model
         self.params = params
         self.context = context
-        self.in_process = model.spec.backend == "transformers"
 
     def generate(self, inputs, **gen_params) -> str:
         raise NotImplementedError("the agent calls chat/stream_chat with messages")
@@ -150,13 +129,14 @@ class ScheduledLLM(BaseModel):
         if ctx.cancel.is_set:
             yield ModelStatusCode.SESSION_CLOSED, "", None
             return
-        messages = to_chat_messages(inputs, named_roles=self.in_process)
         reserve = self.params.max_new_tokens
 
         def prompt(backend: ChatBackend) -> list[ChatMessage]:
+            if not backend.capabilities.agent:
+                raise ModelUnavailable(f"{self.model.spec.variable}={self.model.spec.model} cannot run the agent")
+            messages = to_chat_messages(inputs, named_roles=backend.capabilities.special_tokens)
             return fit_history(backend.count_tokens, backend.context_window - reserve, messages, ctx.n_history)
 
-        options = {"skip_special_tokens": False} if self.in_process else {}  # keep <|action_start|> etc.
         items: queue.Queue = queue.Queue()
         step_stats = StreamStats()
         abandoned = Cancel()  # lagent closed this generator early: stop this step only
@@ -170,7 +150,7 @@ class ScheduledLLM(BaseModel):
                     return
                 stream = self.model.stream(
                     prompt, params=self.params, cancel=_Either(ctx.cancel, abandoned), tenant=ctx.tenant,
-                    on_wait=ctx.on_wait, stats=step_stats, **options,
+                    on_wait=ctx.on_wait, stats=step_stats, special_tokens=True,  # keep <|action_start|> etc.
                 )
                 async with aclosing(stream) as deltas:
                     async for delta in deltas:
@@ -234,6 +214,8 @@ class AgentTurn:
     python: SandboxedPython | None
     agent: Internlm2Agent
     context: StepContext
+    messages: list[dict]  # lagent's: the history's steps, then the question
+    stored: str = ""  # the turn so far as history keeps it; follows the events `run_agent` yields
 
 
 def build_turn(
@@ -244,7 +226,12 @@ def build_turn(
     sandbox: Sandbox | None,
     tools: Sequence[str] = ("python",),
     max_turn: int = 4,
+    history: Sequence[ChatMessage] = (),
+    question: str = "",
 ) -> AgentTurn:
+    """The agent for one question, after `history` (stored user messages and answers)."""
+    steps = history_steps(history)
+    context.n_history = len(make_protocol().format_sub_role(deepcopy(steps)))
     python = SandboxedPython(sandbox, context.loop, context.cancel) if "python" in tools and sandbox else None
     plugins = [ArxivPapers()] if "arxiv" in tools else []
     agent = Internlm2Agent(
@@ -254,28 +241,31 @@ def build_turn(
         protocol=make_protocol(),
         max_turn=max_turn,
     )
-    return AgentTurn(python, agent, context)
+    return AgentTurn(python, agent, context, steps + [{"role": "user", "content": question}])
 
 
 class AgentFailed(ModelError):
     """lagent stopped with an error state or raised (e.g. a malformed tool call)."""
 
 
-async def run_agent(turn: AgentTurn, messages: list[dict]) -> AsyncIterator[AgentReturn]:
-    """Run `Internlm2Agent.stream_chat(messages)` on a worker thread; yield its states, in
-    order, on the event loop. Leaving early (or `cancel`) stops the thread's work."""
+async def run_agent(turn: AgentTurn) -> AsyncIterator[AgentEvent]:
+    """Run `Internlm2Agent.stream_chat` on a worker thread; yield what it does as events, in
+    order, on the event loop (`turn.stored` follows). Leaving early (or `cancel`) stops the
+    thread's work."""
     ctx = turn.context
     loop = asyncio.get_running_loop()
     states: asyncio.Queue = asyncio.Queue()
     done = object()
     consumer_gone = threading.Event()
+    decoder = StepDecoder(turn.python)
 
     def work() -> None:
         result: object = done
-        agent_states = turn.agent.stream_chat(messages)
+        agent_states = turn.agent.stream_chat(turn.messages)
         try:
-            for state in agent_states:
-                loop.call_soon_threadsafe(states.put_nowait, state)
+            for state in agent_states:  # decoded here, where the tool's run log is up to date
+                update = (int(state.state), decoder.feed(state), decoder.stored())
+                loop.call_soon_threadsafe(states.put_nowait, update)
                 if ctx.cancel.is_set or consumer_gone.is_set():
                     break
         except BaseException as exc:  # handed to the event loop, never lost in the thread
@@ -301,9 +291,11 @@ async def run_agent(turn: AgentTurn, messages: list[dict]) -> AsyncIterator[Agen
                     raise item
                 log.error("the agent failed: %r", item)
                 raise AgentFailed(f"the agent failed: {item!r}") from item
-            if item.state < 0 and not ctx.cancel.is_set:
-                raise AgentFailed(f"the agent stopped with {AgentStatusCode(item.state).name}")
-            yield item
+            code, events, turn.stored = item
+            if code < 0 and not ctx.cancel.is_set:
+                raise AgentFailed(f"the agent stopped with {AgentStatusCode(code).name}")
+            for event in events:
+                yield event
     finally:
         consumer_gone.set()
         if not finished:  # left early: the model and the sandbox see `cancel` and stop

@@ -8,7 +8,7 @@ thread, or closing the HTTP stream), not just the consumer.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable, Protocol
 
 
@@ -93,7 +93,19 @@ class StreamStats:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, declared by the backend itself (callers never probe for it)."""
+
+    images: bool = False  # takes a picture in `ChatMessage.image`
+    image_side: int = 0  # the side, in pixels, it resizes pictures to (0: no preference)
+    image_tokens: int = 0  # prompt tokens one picture takes
+    # InternLM2's own markup travels through it: special tokens (<|action_start|>...) come back
+    # as text when asked, and tool roles ("system name=<|interpreter|>") go into the prompt as is.
+    special_tokens: bool = False
+    agent: bool = False  # can run the Lagent agent
 
 
 class ChatBackend(Protocol):
@@ -101,6 +113,7 @@ class ChatBackend(Protocol):
 
     name: str
     context_window: int
+    capabilities: Capabilities
 
     def count_tokens(self, messages: list[ChatMessage]) -> int:
         """Prompt tokens these messages take, including the template's tokens."""
@@ -112,5 +125,7 @@ class ChatBackend(Protocol):
         params: GenerationParams,
         cancel: Cancel,
         stats: StreamStats | None = None,
+        skip_special_tokens: bool = True,
     ) -> AsyncIterator[str]:
-        """Yield text deltas until the model ends its turn, `params` stops it, or `cancel`."""
+        """Yield text deltas until the model ends its turn, `params` stops it, or `cancel`.
+        `skip_special_tokens=False` only where `capabilities.special_tokens`."""

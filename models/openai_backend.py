@@ -29,11 +29,11 @@ import httpx2  # the `openai` package's HTTP client (its pinned dependency): rea
 import openai
 from openai import AsyncOpenAI
 
-from .base import Cancel, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
+from .base import Cancel, Capabilities, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
+from .generation import XCOMPOSER2_IMAGE_TOKENS, first_stop
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKENS = 1225  # what a picture costs XComposer2 (35x35 patches); a budget, not exact
 JPEG_QUALITY = 90
 CANCEL_POLL = 0.05  # seconds between checks of the cancel flag while the server is silent
 _DOWN_STATUSES = (502, 503, 504)  # a proxy in front of a dead engine
@@ -82,8 +82,9 @@ def to_openai_messages(messages: list[ChatMessage]) -> list[dict]:
 
 
 class OpenAIBackend:
-    image_side = 0  # no preference: the intake's default size (the server resizes for its model)
-    image_tokens = IMAGE_TOKENS
+    # Pictures at the intake's default size (the server resizes for its model); their token cost
+    # is a budget, not exact. The server applies its own chat template, so tool roles go plain.
+    capabilities = Capabilities(images=True, image_side=0, image_tokens=XCOMPOSER2_IMAGE_TOKENS, agent=True)
 
     def __init__(
         self, *, base_url: str, model: str, api_key: str = "", timeout: float = 120.0, max_retries: int = 3,
@@ -121,7 +122,7 @@ class OpenAIBackend:
     def count_tokens(self, messages: list[ChatMessage]) -> int:
         total = 3  # the assistant prompt
         for m in messages:
-            total += 5 + approx_tokens(m.content) + (self.image_tokens if m.image is not None else 0)
+            total += 5 + approx_tokens(m.content) + (self.capabilities.image_tokens if m.image is not None else 0)
         return total
 
     async def stream(
@@ -196,7 +197,7 @@ class OpenAIBackend:
                         continue
                     chunks += 1
                     text += delta
-                    hit = _first_stop(text, params.stop)
+                    hit = first_stop(text, params.stop)
                     if hit is not None:  # a server that ignored `stop`: cut here and hang up
                         delta = delta[: max(0, len(delta) - (len(text) - hit))]
                         if delta:
@@ -312,7 +313,3 @@ async def _sleep_unless(cancel: Cancel, seconds: float) -> bool:
         await asyncio.sleep(min(CANCEL_POLL, max(0.0, deadline - time.monotonic())))
     return cancel.is_set
 
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None

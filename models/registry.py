@@ -11,7 +11,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from .base import Cancel, ChatBackend, ChatMessage, GenerationParams, ModelUnavailable, StreamStats
+from .base import Capabilities, Cancel, ChatBackend, ChatMessage, GenerationParams, ModelUnavailable, StreamStats
 from .scheduler import FairScheduler
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,9 @@ class ScheduledModel:
         return self.backend
 
     @property
-    def context_window(self) -> int:
-        return self.backend.context_window if self.backend else self.spec.max_context_tokens
+    def capabilities(self) -> Capabilities | None:
+        """What the loaded backend declares; None until it is loaded."""
+        return self.backend.capabilities if self.backend is not None else None
 
     def count_tokens(self, messages: list[ChatMessage]) -> int:
         assert self.backend is not None, "ensure_loaded() first"
@@ -120,15 +121,18 @@ class ScheduledModel:
         tenant: str,
         on_wait: WaitCallback | None = None,
         stats: StreamStats | None = None,
-        **backend_options: object,
+        special_tokens: bool = False,
     ) -> AsyncIterator[str]:
         """Wait for the model (loading, then queueing), then stream. `messages` may be a
-        function of the loaded backend, so the prompt can be trimmed with its tokenizer."""
+        function of the loaded backend, so the prompt can be trimmed with its tokenizer.
+        `special_tokens`: keep the model's special tokens in the text where the backend can."""
         notify = on_wait or (lambda kind, n: None)
         if self.backend is None:
             notify("loading", 0)
         backend = await self.ensure_loaded()
         prompt = messages(backend) if callable(messages) else messages
+        if not backend.capabilities.images and any(m.image is not None for m in prompt):
+            raise ModelUnavailable(f"{self.spec.variable}={self.spec.model} does not take pictures")
         reserve = getattr(backend, "reserve_tokens", None)
         cost = reserve(prompt, params) if reserve is not None else 0
         async with self.scheduler.slot(tenant, lambda n: notify("queued", n) if n else notify("running", 0), cost=cost):
@@ -136,7 +140,8 @@ class ScheduledModel:
                 return
             stats = stats if stats is not None else StreamStats()
             self.last_prompt, self.last_stats = prompt, stats
-            async with aclosing(backend.stream(prompt, params=params, cancel=cancel, stats=stats, **backend_options)) as deltas:
+            options = {"skip_special_tokens": False} if special_tokens and backend.capabilities.special_tokens else {}
+            async with aclosing(backend.stream(prompt, params=params, cancel=cancel, stats=stats, **options)) as deltas:
                 async for delta in deltas:
                     yield delta
 
@@ -163,7 +168,6 @@ class ModelHub:
     """The roles of one bot process."""
 
     def __init__(self, specs: dict[str, RoleSpec], factory: Callable[[RoleSpec], ChatBackend] = build_backend) -> None:
-        self.specs = specs
         self._shared: dict[tuple, ScheduledModel] = {}
         self._by_role: dict[str, ScheduledModel] = {}
         for role, spec in specs.items():

@@ -16,7 +16,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .base import Cancel, GenerationParams, ModelError, StreamStats
-from .decoding import IncrementalDecoder, first_stop
+from .decoding import IncrementalDecoder
+from .generation import first_stop
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +82,6 @@ class _AsyncStreamer:
 
     def end(self) -> None:
         pass
-
-
-def sampling_kwargs(params: GenerationParams) -> dict:
-    """`generate` arguments for the length and sampling of `params`."""
-    kwargs: dict = dict(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy)
-    if not params.greedy:
-        kwargs.update(temperature=params.temperature, top_p=params.top_p)
-    else:  # silence "temperature is set but do_sample is False" from checkpoint defaults
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    return kwargs
 
 
 async def stream_from_thread(

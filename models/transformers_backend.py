@@ -14,21 +14,22 @@ import asyncio
 import itertools
 import logging
 import time
+from types import SimpleNamespace
 from typing import AsyncIterator, Callable
 
 import torch
 from transformers import AutoTokenizer
 
-from .base import Cancel, ChatMessage, GenerationParams, ModelError, StreamStats
+from .base import Cancel, Capabilities, ChatMessage, GenerationParams, ModelError, StreamStats
 from .batching import ERROR, Job
-from .decoding import IncrementalDecoder, first_stop
+from .decoding import IncrementalDecoder
 from .devices import pick_device, pick_dtype
+from .generation import end_of_turn_ids, first_stop
 from .generation_host import HOSTS, WorkerSpec
-from .thread_stream import sampling_kwargs, stream_from_thread  # noqa: F401  (re-exported for vision)
+from .thread_stream import stream_from_thread  # noqa: F401  (its old home; models/threaded.py uses it)
 
 log = logging.getLogger(__name__)
 
-END_OF_TURN_TOKENS = ("<|im_end|>",)
 DEFAULT_KV_CACHE_MB = 4096
 
 
@@ -85,6 +86,8 @@ class EngineMetrics:
 class TransformersBackend:
     """One loaded checkpoint, shared by any number of concurrent `stream` calls."""
 
+    capabilities = Capabilities(special_tokens=True, agent=True)
+
     def __init__(
         self, path: str, *, device: str = "auto", dtype: str = "auto", max_context_tokens: int = 8192,
         max_batch: int = 16, kv_cache_mb: int = DEFAULT_KV_CACHE_MB, host: str = "process",
@@ -118,7 +121,7 @@ class TransformersBackend:
         limit = info["max_positions"] or self.max_context_tokens
         self.context_window = min(self.max_context_tokens, limit)
         self.kv_budget_tokens = max(self.context_window, self.kv_cache_mb * 2**20 // info["kv_bytes_per_token"])
-        self.eos_ids = self._end_of_turn_ids(info["eos_ids"])
+        self.eos_ids = end_of_turn_ids(self.tokenizer, SimpleNamespace(eos_token_id=info["eos_ids"]))
         log.info(
             "loaded %s on %s (%s) in %.1fs, %s; batches up to %d answers in a %s, KV cache budget %d tokens "
             "(%d MiB, %d bytes/token, %s)",
@@ -136,14 +139,6 @@ class TransformersBackend:
         info = host.start()
         self._host = host
         return info
-
-    def _end_of_turn_ids(self, configured: list[int]) -> list[int]:
-        ids = set(int(i) for i in configured)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-        return sorted(ids)
 
     @property
     def model(self):

@@ -9,8 +9,9 @@ Two kinds of checkpoint, told apart by their config.json:
   `AutoProcessor` + the auto class that maps the model type, prompted with the processor's chat
   template, so any VLM transformers supports natively works here.
 
-Both stream through `transformers_backend.stream_from_thread`: `generate` on a worker thread,
-cancellation by a stopping criterion after every token, stop strings, stats.
+Both stream through `threaded.ThreadedBackend` (`transformers_backend.stream_from_thread`):
+`generate` on a worker thread, cancellation by a stopping criterion after every token, stop
+strings, stats.
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ import inspect
 import json
 import logging
 import time
-from contextlib import aclosing
 from pathlib import Path
-from typing import AsyncIterator
 
 import torch
 import transformers
 from packaging.version import Version
 
-from .base import Cancel, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
+from .base import Capabilities, ChatMessage, GenerationParams, ModelUnavailable
 from .devices import describe_memory, pick_device, pick_dtype
-from .transformers_backend import END_OF_TURN_TOKENS, sampling_kwargs, stream_from_thread
+from .generation import XCOMPOSER2_IMAGE_TOKENS, end_of_turn_ids, sampling_kwargs
+from .threaded import Generation, ThreadedBackend
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ IMAGE_TEXT_TO_TEXT = "image-text-to-text"
 # reported working up to 4.40; transformers 4.46 changed CLIP's position embeddings under it.
 XCOMPOSER2_TRANSFORMERS = (Version("4.33"), Version("4.46"))
 XCOMPOSER2_IMAGE_SIDE = 490
-XCOMPOSER2_IMAGE_TOKENS = 1225  # (490 / 14) ** 2 visual tokens
 IMAGE_PLACEHOLDER = "<ImageHere>"
 
 LMDEPLOY_HINT = (
@@ -107,19 +106,7 @@ def check_xcomposer2_supported(model: str, variable: str = "VISION_MODEL", insta
         )
 
 
-def _eos_ids(tokenizer, generation_config) -> list[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(generation_config, "eos_token_id", None)
-    if configured is not None:
-        ids.update([configured] if isinstance(configured, int) else configured)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return sorted(ids)
-
-
-class ImageTextToTextBackend:
+class ImageTextToTextBackend(ThreadedBackend):
     """A transformers-native VLM: processor chat template, pixel values, `generate`."""
 
     def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto", max_context_tokens: int = 8192) -> None:
@@ -131,6 +118,10 @@ class ImageTextToTextBackend:
         self.image_side = 0  # the picture size the processor resizes to: intake shrinks to this
         self.image_tokens = 0  # prompt tokens one picture takes
         self.last_worker = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(images=True, image_side=self.image_side, image_tokens=self.image_tokens)
 
     def load(self) -> None:
         from transformers import AutoModelForImageTextToText, AutoModelForVision2Seq, AutoProcessor
@@ -150,7 +141,7 @@ class ImageTextToTextBackend:
         text_config = getattr(model.config, "text_config", model.config)
         limit = getattr(text_config, "max_position_embeddings", None) or self.max_context_tokens
         self.context_window = min(self.max_context_tokens, int(limit))
-        self.eos_ids = _eos_ids(self.tokenizer, model.generation_config)
+        self.eos_ids = end_of_turn_ids(self.tokenizer, model.generation_config)
         self.image_side = _processor_side(self.processor)
         self.image_tokens = self._measure_image_tokens()
         log.info(
@@ -202,30 +193,15 @@ class ImageTextToTextBackend:
             out[key] = value
         return out
 
-    # -- generation ----------------------------------------------------------------------
-    async def stream(
-        self, messages: list[ChatMessage], *, params: GenerationParams, cancel: Cancel,
-        stats: StreamStats | None = None, skip_special_tokens: bool = True,
-    ) -> AsyncIterator[str]:
-        if self.model is None:
-            raise ModelError(f"model {self.path} is not loaded")
+    # -- generation (ThreadedBackend.stream runs it) -------------------------------------
+    async def _generation(self, messages: list[ChatMessage], params: GenerationParams) -> Generation:
         inputs = await asyncio.to_thread(self.inputs, messages)  # image preprocessing: off the event loop
         kwargs = dict(inputs, eos_token_id=self.eos_ids, pad_token_id=self.eos_ids[0], **sampling_kwargs(params))
 
         def generate(bridge: dict) -> None:
             self.model.generate(**kwargs, **bridge)
 
-        deltas = stream_from_thread(
-            generate, tokenizer=self.tokenizer, eos_ids=self.eos_ids, params=params, cancel=cancel, stats=stats,
-            prompt_tokens=int(kwargs["input_ids"].shape[1]), name=self.path, skip_special_tokens=skip_special_tokens,
-            on_worker=self._started,
-        )
-        async with aclosing(deltas):
-            async for delta in deltas:
-                yield delta
-
-    def _started(self, worker) -> None:
-        self.last_worker = worker
+        return generate, int(kwargs["input_ids"].shape[1])
 
 
 def _processor_side(processor) -> int:
@@ -241,11 +217,12 @@ def _processor_side(processor) -> int:
     return 0
 
 
-class XComposer2Backend:
+class XComposer2Backend(ThreadedBackend):
     """InternLM-XComposer2 through its remote code's `chat` (CUDA, float16)."""
 
     image_side = XCOMPOSER2_IMAGE_SIDE
     image_tokens = XCOMPOSER2_IMAGE_TOKENS
+    capabilities = Capabilities(images=True, image_side=XCOMPOSER2_IMAGE_SIDE, image_tokens=XCOMPOSER2_IMAGE_TOKENS)
 
     def __init__(self, path: str, *, device: str = "auto", max_context_tokens: int = 4096) -> None:
         self.path = self.name = path
@@ -268,7 +245,7 @@ class XComposer2Backend:
         self.model = model.to(self.device).eval()
         self.model.tokenizer = self.tokenizer  # some of its methods read it from the model
         self.context_window = min(self.context_window, int(getattr(model.config, "max_length", 4096) or 4096))
-        self.eos_ids = _eos_ids(self.tokenizer, model.generation_config)
+        self.eos_ids = end_of_turn_ids(self.tokenizer, model.generation_config)
         for token in ("[UNUSED_TOKEN_145]",):  # its end of turn (<|im_end|>)
             self.eos_ids.append(int(self.tokenizer.convert_tokens_to_ids(token)))
         log.info("loaded XComposer2 %s in %.1fs, %s", self.path, time.perf_counter() - started,
@@ -300,33 +277,16 @@ class XComposer2Backend:
         images = sum(m.image is not None for m in messages)
         return len(self.tokenizer(text)["input_ids"]) + self.image_tokens * images
 
-    async def stream(
-        self, messages: list[ChatMessage], *, params: GenerationParams, cancel: Cancel,
-        stats: StreamStats | None = None, skip_special_tokens: bool = True,
-    ) -> AsyncIterator[str]:
-        if self.model is None:
-            raise ModelError(f"model {self.path} is not loaded")
+    async def _generation(self, messages: list[ChatMessage], params: GenerationParams) -> Generation:
         system, history, query, image = self.split(messages)
         pixels = None
         if image is not None:  # its own 490x490 preprocessing, off the event loop
             pixels = await asyncio.to_thread(lambda: self.model.vis_processor(image).unsqueeze(0).to(self.device, torch.float16))
-        options = dict(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy)
-        if not params.greedy:
-            options.update(temperature=params.temperature, top_p=params.top_p)
+        options = sampling_kwargs(params)
         if system is not None:
             options["meta_instruction"] = system
 
         def generate(bridge: dict) -> None:
             self.model.chat(self.tokenizer, query, pixels, history, **bridge, **options)
 
-        deltas = stream_from_thread(
-            generate, tokenizer=self.tokenizer, eos_ids=self.eos_ids, params=params, cancel=cancel, stats=stats,
-            prompt_tokens=self.count_tokens(messages), name=self.path, skip_special_tokens=skip_special_tokens,
-            on_worker=self._started,
-        )
-        async with aclosing(deltas):
-            async for delta in deltas:
-                yield delta
-
-    def _started(self, worker) -> None:
-        self.last_worker = worker
+        return generate, self.count_tokens(messages)

@@ -10,10 +10,30 @@ import pytest
 # Nothing in the tests may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One torch thread, set explicitly (here and for child processes such as `python -m launcher`): the
+# tiny models gain nothing from more, and on a busy machine extra threads only spin and wait.
+TORCH_THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(TORCH_THREADS)
 
 from bot.app import App  # noqa: E402
 from bot.config import Settings  # noqa: E402
-from tests import tiny_models  # noqa: E402
+from tests import prebuild, tiny_models  # noqa: E402
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the tiny models before any test starts, so no test's timeout covers a build
+    (`make test` has already done it; then this finds the stamp and returns at once)."""
+    if os.environ.get("TINY_MODELS_PREBUILD", "1") == "0":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    report = reporter.write_line if reporter is not None else print
+    try:
+        prebuild.ensure_built(report)
+    except RuntimeError as e:  # the fixtures will try again and fail the tests that need them
+        report(str(e))
 
 
 @pytest.fixture(scope="session")
@@ -60,10 +80,9 @@ def make_app(make_settings):
     apps: list[App] = []
 
     def make(settings: Settings | None = None, **overrides) -> App:
-        from bot.features import install_features
+        from launcher.compose import build_app
 
-        app = App(settings or make_settings(**overrides))
-        install_features(app)
+        app = build_app(settings or make_settings(**overrides))
         apps.append(app)
         return app
 

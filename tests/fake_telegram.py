@@ -424,15 +424,11 @@ class FakeTelegram:
         markup = message.reply_markup or {}
         return [b.get("callback_data", "") for row in markup.get("inline_keyboard", []) for b in row]
 
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
-        async def wait() -> None:
-            async with self._changed:
-                await self._changed.wait_for(predicate)
-
-        try:
-            await asyncio.wait_for(wait(), timeout)
-        except asyncio.TimeoutError:
-            raise AssertionError(f"condition not met within {timeout} s") from None
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until `predicate()` holds, re-checked after every change the fake records. No
+        deadline of its own (a busy machine only makes it slower); pytest-timeout ends a hang."""
+        async with self._changed:
+            await self._changed.wait_for(predicate)
 
     def fail_next(self, method: str, kind: str, *, times: int = 1, retry_after: int = 1, delay: float = 0.0, chat_id: int | None = None) -> None:
         """Answer the next `times` calls of `method` with a 429, a 5xx, a timeout or an entity error."""

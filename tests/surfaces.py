@@ -118,3 +118,29 @@ class RecordingSurface:
 
 def retry_later(seconds: float) -> RetryLater:
     return RetryLater(seconds)
+
+
+class PictureRecorder:
+    """A responder for the picture persona that records what reached it (instead of a model):
+    the question, the attachment as the adapter declared it, and the picture the core took in."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int | None, str, str, int]] = []
+
+    async def respond(self, turn):
+        image, picture = turn.msg.image, turn.picture
+        if image is None:  # a follow-up question about the picture
+            yield "follow-up"
+            return
+        self.seen.append((turn.text, image.size, image.mime_type, picture.prepared.source_format, picture.prepared.source_bytes))
+        yield f"got {picture.prepared.source_bytes} bytes"
+
+
+def tiny_picture(fmt: str = "PNG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(out, fmt)
+    return out.getvalue()

@@ -14,30 +14,27 @@ TOKEN = "123456:TEST-token-abcdefghijklmnopqrstuv"
 
 
 def telegram_settings(fake: FakeTelegram, **overrides) -> dict:
-    """Settings overrides that point the adapter at the fake."""
-    return dict(telegram_bot_token=TOKEN, telegram_api_base_url=fake.base_url, **overrides)
+    """Settings overrides that point the adapter at the fake (answers get 30 s at shutdown)."""
+    return dict(telegram_bot_token=TOKEN, telegram_api_base_url=fake.base_url, **{"shutdown_grace": 30.0, **overrides})
 
 
 @asynccontextmanager
 async def running_bot(app: App, **adapter_options) -> AsyncIterator[TelegramAdapter]:
     """Start the adapter (getMe, setMyCommands, polling or webhook); stop it like SIGTERM does."""
-    options = dict(read_timeout=3.0, poll_timeout=5, shutdown_grace=30.0)
+    options = dict(read_timeout=3.0, poll_timeout=5)
     options.update(adapter_options)
     adapter = TelegramAdapter(app, app.settings, **options)
     stop = asyncio.Event()
     task = asyncio.create_task(adapter.run(stop))
     ready = asyncio.create_task(adapter.ready.wait())
-    await asyncio.wait([task, ready], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         ready.cancel()
         task.result()  # raises the start-up error
         raise AssertionError("the adapter stopped at once")
-    if not ready.done():
-        task.cancel()
-        raise AssertionError("the adapter did not start within 30 s")
     adapter.stop_event, adapter.task = stop, task
     try:
         yield adapter
     finally:
         stop.set()
-        await asyncio.wait_for(task, 60)
+        await task

@@ -13,6 +13,7 @@ from bot.i18n import t
 from bot.messages import Incoming
 from tests import tiny_agent_model as agent_model
 from tests.surfaces import RecordingSurface
+from tests.waiting import until
 
 POWER = "1267650600228229401496703205376"
 
@@ -95,13 +96,10 @@ async def test_stop_kills_the_running_code_and_ends_the_turn(make_agent_app):
     surface = RecordingSurface(interval=0.0)
     message = msg(f"/agent {agent_model.SLEEP_QUESTION}")
     answer = asyncio.create_task(app.handle(message, surface))
-    for _ in range(600):
-        await asyncio.sleep(0.05)
-        if "print('awake')\n```" in surface.visible:
-            break
+    await until(lambda: "print('awake')\n```" in surface.visible)
     await asyncio.sleep(0.3)  # the sandbox is running now
     assert app.stop(app.session_key(message))
-    await asyncio.wait_for(answer, timeout=15)
+    await answer
     text = surface.visible
     assert t("agent_stopped_run", "en") in text and text.endswith(t("stopped_mark", "en"))
     assert agent_model.ANSWER_EN not in text  # no model step after the stop
@@ -115,12 +113,9 @@ async def test_stop_while_the_model_writes(make_agent_app):
     surface = RecordingSurface(interval=0.0)
     message = msg(f"/agent {agent_model.TICK_QUESTION}")
     answer = asyncio.create_task(app.handle(message, surface))
-    for _ in range(600):
-        await asyncio.sleep(0.02)
-        if "tick" in surface.visible:
-            break
+    await until(lambda: "tick" in surface.visible)
     app.stop(app.session_key(message))
-    await asyncio.wait_for(answer, timeout=30)
+    await answer
     text = surface.visible
     assert text.startswith("tick") and text.endswith(t("stopped_mark", "en"))
     assert text.count("tick") < 400

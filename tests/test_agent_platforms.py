@@ -12,7 +12,6 @@ from tests.fake_telegram import FakeTelegram
 from tests.telegram_harness import TOKEN, running_bot, telegram_settings
 
 pytestmark = [
-    pytest.mark.timeout(180),
     pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning"),
 ]
 
@@ -30,7 +29,7 @@ async def test_telegram_user_sees_code_real_output_and_answer(make_app, tiny_age
         async with running_bot(app):
             chat = fake.private_chat(42, lang="zh-hans")
             fake.send_text(chat, 42, f"/agent {agent_model.COMPUTE_ZH}")
-            await fake.wait_until(lambda: any(agent_model.ANSWER_ZH in text for text in fake.texts(chat)), timeout=120)
+            await fake.wait_until(lambda: any(agent_model.ANSWER_ZH in text for text in fake.texts(chat)))
             (answer,) = fake.messages(chat)
             text = answer.text
             assert "我来用 Python 算一下。" in text and "print(2**100)" in text
@@ -45,7 +44,7 @@ async def test_discord_user_sees_code_real_output_and_answer(make_app, tiny_agen
         app = make_app(agent_model=str(tiny_agent_model), agent_tools="python", discord_bot_token=fake.token)
         async with running(app, fake):
             interaction = await fake.slash("agent", fake.alice, prompt=agent_model.COMPUTE_EN)
-            await fake.wait_for(lambda: interaction.messages and is_done(interaction.messages[-1]), 120, "/agent")
+            await fake.wait_for(lambda: interaction.messages and is_done(interaction.messages[-1]), "/agent")
             text = answer_text(interaction.messages)
             assert "```python\nprint(2**100)\n```" in text
             assert POWER in text

@@ -9,6 +9,7 @@ from lagent.schema import ActionReturn, AgentReturn
 from bot.agent_feature import TEXTS, StepRenderer
 from bot.i18n import register, t
 from models.agent import fit_history, history_steps, make_protocol, stored_steps, to_chat_messages
+from models.agent_events import StepDecoder
 from models.base import ChatMessage
 from models.sandbox import RunResult, SandboxLimits, SandboxUnavailable
 
@@ -20,7 +21,23 @@ class Runs:
         self.runs = list(runs)
 
 
-def render(renderer: StepRenderer, *states: AgentReturn) -> str:
+class Display:
+    """lagent's states → events (models.agent_events) → display text (bot), as in a real turn."""
+
+    def __init__(self, lang, python, limits):
+        self.decoder, self.renderer = StepDecoder(python), StepRenderer(lang, limits)
+
+    def feed(self, state: AgentReturn) -> str:
+        return "".join(self.renderer.feed(event) for event in self.decoder.feed(state))
+
+    def stored(self) -> str:
+        return self.decoder.stored()
+
+    def flush(self) -> str:
+        return self.renderer.flush()
+
+
+def render(renderer: Display, *states: AgentReturn) -> str:
     return "".join(renderer.feed(s) for s in states)
 
 
@@ -62,7 +79,7 @@ def test_fit_history_drops_whole_old_exchanges_first():
 
 def test_the_display_grows_only_and_shows_each_step():
     command = "```python\nprint(2**100)\n```"
-    renderer = StepRenderer("en", Runs(RunResult("1267\n", 0)), SandboxLimits())
+    renderer = Display("en", Runs(RunResult("1267\n", 0)), SandboxLimits())
     streamed = render(
         renderer,
         AgentReturn(state=1, response="Let me"),
@@ -83,7 +100,7 @@ def test_the_display_grows_only_and_shows_each_step():
 
 
 def test_a_long_text_streams_at_once_and_limits_are_explained():
-    renderer = StepRenderer("zh", Runs(RunResult("x" * 3000, None, reason="wall", truncated=True)), SandboxLimits(wall_seconds=5))
+    renderer = Display("zh", Runs(RunResult("x" * 3000, None, reason="wall", truncated=True)), SandboxLimits(wall_seconds=5))
     long = "word " * 40
     assert render(renderer, AgentReturn(state=1, response=long[:50])) == ""  # maybe a short thought: held
     assert render(renderer, AgentReturn(state=1, response=long)) == long
@@ -95,7 +112,7 @@ def test_a_long_text_streams_at_once_and_limits_are_explained():
 
 
 def test_missing_sandbox_and_running_out_of_turns_are_shown():
-    renderer = StepRenderer("en", Runs(SandboxUnavailable("no bwrap")), SandboxLimits())
+    renderer = Display("en", Runs(SandboxUnavailable("no bwrap")), SandboxLimits())
     action = ActionReturn(args={"command": "print(1)"}, errmsg="no sandbox", thought="")
     out = render(renderer, AgentReturn(state=8, actions=[action], inner_steps=[]))
     assert out.startswith("💭 " + t("agent_running_code", "en") + "\n```python\nprint(1)\n```\n")
@@ -105,7 +122,7 @@ def test_missing_sandbox_and_running_out_of_turns_are_shown():
 
 
 def test_plugin_calls_show_the_query_and_a_short_result():
-    renderer = StepRenderer("en", None, SandboxLimits())
+    renderer = Display("en", None, SandboxLimits())
     action = ActionReturn(args={"query": "InternLM2"}, type="ArxivSearch.get_arxiv_article_information",
                           result=[{"type": "text", "content": "Title: InternLM2 Technical Report " + "y" * 1000}], thought="Search.")
     out = render(renderer, AgentReturn(state=1, response="Search."), AgentReturn(state=3, response='{"name"'),
@@ -142,7 +159,28 @@ def test_arxiv_is_offered_to_the_model_only_when_configured():
 
 
 def test_text_held_as_a_possible_thought_is_shown_when_the_turn_stops():
-    renderer = StepRenderer("en", None, SandboxLimits())
+    renderer = Display("en", None, SandboxLimits())
     assert render(renderer, AgentReturn(state=1, response="tick\ntick\n")) == ""
     assert renderer.flush() == "tick\ntick\n"
     assert renderer.flush() == ""
+
+
+def test_the_agent_speaks_in_typed_events_and_pairs_each_run_with_its_result():
+    import bot.agent_feature
+    from models.agent_events import CodeRun, FinalAnswer, Thinking, ToolCall, WritingCode
+
+    runs = Runs()
+    decoder = StepDecoder(runs)
+    assert decoder.feed(AgentReturn(state=1, response="Let me run it.")) == [Thinking("Let me run it.")]
+    assert decoder.feed(AgentReturn(state=6, response={"parameters": {"command": "print(1"}})) == [WritingCode("print(1")]
+    bad = ActionReturn(args={"command": "x"}, errmsg="invalid call", thought="t")
+    assert decoder.feed(AgentReturn(state=8, actions=[bad], inner_steps=[])) == [CodeRun("x", "t", None, "invalid call")]
+    runs.runs.append(RunResult("1\n", 0))  # the tool logs its run before lagent reports it
+    good = ActionReturn(args={"command": "print(1)"}, result=[{"type": "text", "content": "1"}])
+    [run] = decoder.feed(AgentReturn(state=8, actions=[bad, good], inner_steps=[]))
+    assert run.result is runs.runs[0]  # not shifted by the invalid call before it
+    tool = ActionReturn(args={"query": "q"}, type="ArxivSearch", errmsg="down")
+    assert decoder.feed(AgentReturn(state=5, actions=[tool], inner_steps=[])) == [ToolCall("ArxivSearch", {"query": "q"}, "", "", "down")]
+    assert decoder.feed(AgentReturn(state=0, response="Done.")) == [FinalAnswer("Done.", 0)]
+    source = open(bot.agent_feature.__file__, encoding="utf-8").read()
+    assert "lagent" not in source and "AgentReturn" not in source and ".actions" not in source

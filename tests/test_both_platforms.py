@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from adapters.registry import create_adapters
-from bot.cli import platform_names
+from bot.platforms import platform_names
+from launcher.compose import create_adapters
 from tests.discord_harness import answer_text, running, until_done
 from tests.fake_discord import FakeDiscord
 from tests.fake_telegram import FakeTelegram

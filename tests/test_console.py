@@ -15,6 +15,7 @@ from bot.messages import Incoming
 from bot.personas import BAJIE_SYSTEM_PROMPT, INTERNLM_SYSTEM_PROMPT
 from tests import worker_hooks
 from tests.surfaces import RecordingSurface
+from tests.waiting import until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,7 +74,7 @@ def run_cli(args: list[str], stdin: str, data_dir: Path, chat_model: Path, bajie
         DEVICE="cpu", MAX_NEW_TOKENS="40", HF_HUB_OFFLINE="1", **env,
     )
     return subprocess.run(
-        [sys.executable, "-m", "bot", *args], input=stdin, capture_output=True, text=True, cwd=REPO, env=environment, timeout=240
+        [sys.executable, "-m", "launcher", *args], input=stdin, capture_output=True, text=True, cwd=REPO, env=environment, timeout=240
     )
 
 
@@ -103,15 +104,12 @@ async def test_stop_ends_generation_within_a_token_and_frees_the_model(make_app)
     question = msg("code")
     task = asyncio.create_task(app.handle(question, surface))
     model = app.hub.get("chat")
-    for _ in range(600):
-        await asyncio.sleep(0.01)
-        if surface.messages and surface.messages[0].count("print") >= 3:
-            break
+    await until(lambda: surface.messages and surface.messages[0].count("print") >= 3)
     backend = model.backend
     assert backend.in_flight == 1 and backend.metrics.batch_size == 1
     shown_at_stop = surface.messages[0]
     assert app.stop(app.session_key(question))
-    await asyncio.wait_for(task, 10)
+    await task
     assert backend.in_flight == 0 and backend.metrics.batch_size == 0  # the engine dropped the row
     final = surface.messages[-1]
     assert final.endswith("⏹ stopped")
@@ -135,19 +133,13 @@ async def test_stop_typed_in_the_console_during_an_answer(make_app):
     runner = asyncio.create_task(adapter.run())
     writer.write("code\n")
     writer.flush()
-    for _ in range(600):
-        await asyncio.sleep(0.01)
-        if out.getvalue().count("print") >= 2:
-            break
+    await until(lambda: out.getvalue().count("print") >= 2)
     writer.write("/stop\n")
     writer.flush()
-    for _ in range(500):
-        await asyncio.sleep(0.01)
-        if "⏹ stopped" in out.getvalue():
-            break
+    await until(lambda: "⏹ stopped" in out.getvalue())
     writer.write("ping\n")
     writer.close()
-    await asyncio.wait_for(runner, 30)
+    await runner
     text = out.getvalue()
     assert text.startswith("```python\nprint('hello world')")
     assert text.endswith("⏹ stopped\npong\n")

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bot.access import AccessPolicy
+from bot.features import FEATURES, Catalogue
 from bot.config import ConfigError, Settings, load_settings
 from bot.i18n import TEXTS, lang_of, t
 from bot.limits import TokenBucket, clean_text
@@ -102,8 +103,10 @@ def test_allowlists_per_platform_and_for_the_agent():
     assert policy.allows(incoming(platform="discord", guild_id="g1", user_id="9"))
     assert not policy.allows(incoming(platform="discord", guild_id="g2", user_id="9"))
     assert not policy.allows(incoming(platform="discord", user_id="9"))  # DMs have no guild
-    assert policy.allows_role(incoming(user_id="2"), "agent") and not policy.allows_role(incoming(user_id="1"), "agent")
-    assert policy.allows_role(incoming(user_id="1"), "chat")
+    features = Catalogue(FEATURES).by_command
+    assert policy.allows_feature(incoming(user_id="2"), features["agent"])
+    assert not policy.allows_feature(incoming(user_id="1"), features["agent"])
+    assert policy.allows_feature(incoming(user_id="1"), features["chat"])
 
 
 def test_bad_setting_is_one_line_naming_it(monkeypatch):

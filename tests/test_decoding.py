@@ -11,7 +11,8 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizer
 
-from models.decoding import IncrementalDecoder, first_stop
+from models.decoding import IncrementalDecoder
+from models.generation import first_stop
 from tests import tiny_models
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>"]

@@ -14,8 +14,8 @@ from bot.logs import setup_logging
 from tests import tiny_models
 from tests.discord_harness import answer_text, is_done, key_of, running, stack, until_done
 from tests.fake_discord import API, FakeDiscord
+from tests.surfaces import PictureRecorder, tiny_picture
 
-pytestmark = pytest.mark.timeout(120)
 
 
 def strip_fences(text: str) -> str:
@@ -48,7 +48,7 @@ async def test_long_answers_move_to_channel_messages_before_the_token_expires(ma
         offset[0] = 15 * 60.0  # a quarter of an hour later: Discord no longer takes this token
         fake.expire_tokens()
         in_channel = lambda: [m for m in fake.bot_messages(fake.channel) if m.interaction_id is None]  # noqa: E731
-        await fake.wait_for(lambda: in_channel() and is_done(in_channel()[-1]), 90, "the answer in channel messages")
+        await fake.wait_for(lambda: in_channel() and is_done(in_channel()[-1]), "the answer in channel messages")
         stored = app.store.history(app.session_key(key_of(fake, fake.alice, fake.channel)), "internlm")[-1].content
         assert len(stored) > 2000 and tiny_models.is_code_answer_prefix(stored)
         assert strip_fences("\n".join(m.content for m in in_channel())).rstrip("\n") == stored.rstrip("\n")
@@ -56,31 +56,27 @@ async def test_long_answers_move_to_channel_messages_before_the_token_expires(ma
 
 
 async def test_images_in_messages_and_slash_commands_reach_the_image_path(make_app):
-    seen: list[tuple[str, int | None, bytes, str]] = []
-
-    async def image_handler(app, msg, surface, text, lang):
-        data = await msg.image.fetch()
-        seen.append((text, msg.image.size, data, msg.image.mime_type))
-        await surface.post(f"got {len(data)} bytes", phase="notice")
-
     async with stack(make_app) as (fake, app, adapter):
-        app.image_handler = image_handler
-        png = b"\x89PNG\r\n\x1a\n" + bytes(range(200))
+        app.responders["vision"] = recorder = PictureRecorder()
+        png, jpeg = tiny_picture("PNG"), tiny_picture("JPEG")
         question = await fake.send_message(
             fake.alice, fake.channel, "what is this?", mention_bot=True,
             attachments=[fake.add_file("a.png", png, "image/png")],
         )
-        reply = await fake.wait_for(lambda: next((m for m in fake.bot_messages() if m.reference_id == question.id), None))
-        assert reply.content == f"got {len(png)} bytes"
-        interaction = await fake.slash("image", fake.alice, image=fake.add_file("b.jpg", b"JPEG" * 10, "image/jpeg"), question="colour?")
-        await fake.wait_for(lambda: interaction.original is not None and interaction.original.content)
-        assert interaction.original.content == "got 40 bytes"
-        assert seen == [("what is this?", len(png), png, "image/png"), ("colour?", 40, b"JPEG" * 10, "image/jpeg")]
-        # A non-image attachment is not an image question: the text is answered as usual.
+        reply = await fake.wait_for(lambda: next((m for m in fake.bot_messages() if m.reference_id == question.id and is_done(m)), None))
+        assert answer_text([reply]) == f"got {len(png)} bytes"
+        interaction = await fake.slash("image", fake.alice, image=fake.add_file("b.jpg", jpeg, "image/jpeg"), question="colour?")
+        await until_done(fake, interaction)
+        assert answer_text(interaction.messages) == f"got {len(jpeg)} bytes"
+        assert recorder.seen == [
+            ("what is this?", len(png), "image/png", "PNG", len(png)), ("colour?", len(jpeg), "image/jpeg", "JPEG", len(jpeg)),
+        ]
+        # A non-image attachment is not an image question: the text is answered as usual (here as a
+        # follow-up about the picture, the current conversation), and the file is not downloaded.
         plain = await fake.send_message(fake.alice, fake.channel, "ping", mention_bot=True,
                                         attachments=[fake.add_file("notes.txt", b"hello", "text/plain")])
         reply = await fake.wait_for(lambda: next((m for m in fake.bot_messages() if m.reference_id == plain.id and is_done(m)), None))
-        assert reply.content.endswith("\npong") and fake.file_downloads == 2
+        assert reply.content.endswith("\nfollow-up") and fake.file_downloads == 2 and len(recorder.seen) == 2
         assert fake.errors == []
 
 
@@ -140,7 +136,7 @@ async def test_the_token_never_reaches_the_log(make_app, make_settings):
 async def test_shutdown_stops_answers_in_flight_and_closes_cleanly(make_app):
     fake = FakeDiscord()
     async with fake:
-        app = make_app(discord_bot_token=fake.token, max_new_tokens=3000)
+        app = make_app(discord_bot_token=fake.token, max_new_tokens=3000, shutdown_grace=0.0)
         async with running(app, fake):
             interaction = await fake.slash("chat", fake.alice, prompt="code")
             await fake.wait_for(lambda: interaction.original is not None and interaction.original.custom_ids)
@@ -153,7 +149,7 @@ async def test_shutdown_stops_answers_in_flight_and_closes_cleanly(make_app):
 async def test_the_client_resumes_after_the_gateway_drops(make_app):
     async with stack(make_app) as (fake, app, adapter):
         await fake.disconnect_clients(4000)
-        await fake.wait_for(lambda: len(fake._sockets) == 1 and fake.resumed, 30, "a resumed session")
+        await fake.wait_for(lambda: len(fake._sockets) == 1 and fake.resumed, "a resumed session")
         interaction = await fake.slash("chat", fake.alice, prompt="ping")
         await until_done(fake, interaction)
         assert answer_text(interaction.messages) == "pong"

@@ -126,7 +126,7 @@ async def test_cancel_closes_the_stream_and_the_server_stops_generating(served):
                     cancel.set()
         assert 3 <= len(got) < 50
         generation = server.generations[-1]
-        await asyncio.wait_for(generation.done.wait(), 30)
+        await generation.done.wait()
         assert generation.finish == "disconnected" and generation.completion_tokens < 3000
         assert served["tiny-chat"].in_flight == 0  # the engine dropped the row
         # Leaving early (the consumer goes away) closes the connection just the same.
@@ -134,7 +134,7 @@ async def test_cancel_closes_the_stream_and_the_server_stops_generating(served):
             async for _ in deltas:
                 break
         generation = server.generations[-1]
-        await asyncio.wait_for(generation.done.wait(), 30)
+        await generation.done.wait()
         assert generation.finish == "disconnected" and generation.completion_tokens < 3000
 
 
@@ -145,7 +145,7 @@ async def test_cancel_while_the_server_is_still_silent(served):
         task = asyncio.create_task(collect(backend(server), user("ping"), cancel=cancel))
         await asyncio.sleep(0.3)
         cancel.set()
-        assert await asyncio.wait_for(task, 5) == []
+        assert await task == []
 
 
 async def test_cancel_while_the_stream_is_silent(served):
@@ -163,7 +163,7 @@ async def test_cancel_while_the_stream_is_silent(served):
         while len(got) < 2:
             await asyncio.sleep(0.02)
         cancel.set()
-        await asyncio.wait_for(task, 5)  # the silent read was interrupted by closing the stream
+        await task  # the silent read was interrupted by closing the stream
         assert len(got) == 2 and tiny_models.COUNT_ANSWER.startswith("".join(got))
 
 
@@ -257,7 +257,7 @@ def test_token_estimate_is_sensible(tiny_chat_model):
     assert 90 <= approx_tokens(english) <= 160  # ~4.5 characters per token, estimated a little high
     b = OpenAIBackend(base_url="http://127.0.0.1:9/v1", model="x")
     with_image = b.count_tokens([ChatMessage("user", "hi", image=object())])
-    assert with_image - b.count_tokens([ChatMessage("user", "hi")]) == b.image_tokens
+    assert with_image - b.count_tokens([ChatMessage("user", "hi")]) == b.capabilities.image_tokens
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
     messages = [ChatMessage("system", INTERNLM_SYSTEM_PROMPT), ChatMessage("user", "ping 你好")]
     real = len(tokenizer.apply_chat_template([m.as_dict() for m in messages], add_generation_prompt=True))

@@ -10,9 +10,11 @@ import socket
 import aiohttp
 import pytest
 
+from bot.features import FEATURES, Catalogue
 from bot.i18n import t
 from bot.logs import setup_logging
 from tests.slow import slow_down
+from tests.surfaces import PictureRecorder, tiny_picture
 from tests.fake_telegram import FakeTelegram
 from tests.telegram_harness import TOKEN, running_bot, telegram_settings
 from tests.tiny_models import COUNT_ANSWER, CODE_LINE
@@ -44,7 +46,7 @@ async def test_private_ping_streams_to_exactly_pong_with_menu_and_buttons(make_a
             assert fake.buttons(answer) == ["regen:42"]
             assert any(action == "typing" and c == chat for _, c, action in fake.actions)
             # the menu, in English and Chinese, from the core's commands
-            assert [c["command"] for c in fake.commands[None]] == [name for name, _ in app.commands()]
+            assert [c["command"] for c in fake.commands[None]] == [f.command for f in app.menu("telegram")]
             assert fake.commands[None][0]["description"] == t("cmd_start", "en")
             assert fake.commands["zh"][0]["description"] == t("cmd_start", "zh")
             # /start greets in the user's language
@@ -92,7 +94,7 @@ async def test_an_answer_longer_than_4096_continues_without_breaking_the_code_bl
         async with running_bot(app):
             chat = fake.private_chat(42)
             fake.send_text(chat, 42, "code")
-            await fake.wait_until(lambda: regen_button_shown(fake, chat), timeout=120)
+            await fake.wait_until(lambda: regen_button_shown(fake, chat))
             messages = fake.messages(chat)
             assert len(messages) >= 2
             lines = []
@@ -121,7 +123,7 @@ async def test_twenty_chats_stream_at_once_without_flood_errors(make_app):
             chats = [fake.private_chat(1000 + i) for i in range(20)]
             for chat in chats:
                 fake.send_text(chat, chat, "code")
-            await fake.wait_until(lambda: all(regen_button_shown(fake, c) for c in chats), timeout=180)
+            await fake.wait_until(lambda: all(regen_button_shown(fake, c) for c in chats))
             for chat in chats:
                 lines = "\n".join(fake.texts(chat)).split("\n")
                 assert len(lines) > 150 and all(line == CODE_LINE.strip() for line in lines[:-1])
@@ -150,7 +152,7 @@ async def test_a_429_delays_the_answer_but_never_loses_it(make_app):
             fake.fail_next("editMessageText", "timeout", delay=4.0, chat_id=other)
             fake.fail_next("editMessageText", "500", chat_id=other)
             fake.send_text(other, 43, "count")
-            await fake.wait_until(lambda: regen_button_shown(fake, other), timeout=90)
+            await fake.wait_until(lambda: regen_button_shown(fake, other))
             assert fake.texts(other) == [COUNT_ANSWER]
         assert fake.flood_429s == 0
 
@@ -164,7 +166,7 @@ async def test_a_deleted_answer_continues_in_a_new_message(make_app):
             fake.send_text(chat, 42, "code")
             await fake.wait_until(lambda: any("print(" in m.text for m in fake.messages(chat)))
             fake.delete_message(chat, fake.messages(chat)[0].message_id)
-            await fake.wait_until(lambda: regen_button_shown(fake, chat), timeout=120)
+            await fake.wait_until(lambda: regen_button_shown(fake, chat))
             assert len(fake.messages(chat)) == 1
             assert fake.messages(chat)[0].text.startswith("print('hello world')")
 
@@ -190,7 +192,7 @@ async def test_stop_and_regenerate_buttons_work_only_for_the_asker(make_app):
             await fake.wait_until(lambda: len(fake.answers) == 1)
             assert fake.answers[0]["show_alert"] and fake.answers[0]["text"] == t("telegram_not_your_button", "zh")
             fake.press(group, streaming.message_id, 5)
-            await fake.wait_until(lambda: regen_button_shown(fake, group), timeout=60)
+            await fake.wait_until(lambda: regen_button_shown(fake, group))
             assert fake.answers[1]["text"] == t("stop_done", "en")
             assert fake.messages(group)[-1].text.endswith(t("stopped_mark", "en"))
             # Regenerate asks the last question again (here: a new question first)
@@ -271,7 +273,8 @@ async def test_a_user_not_on_the_allowlist_never_reaches_the_model(make_app):
 async def test_photos_and_image_files_reach_the_image_path(make_app):
     async with FakeTelegram(TOKEN) as fake:
         app = make_app(**telegram_settings(fake, telegram_file_base_url=fake.file_base_url))
-        app.image_handler = None  # until the vision feature is installed
+        declared = app.features
+        app.features = Catalogue([f for f in FEATURES if f.argument != "image"])  # a bot without pictures
         async with running_bot(app):
             chat = fake.private_chat(42)
             fake.send_photo(chat, 42, b"\x89PNG fake photo", caption="what is this?")
@@ -279,20 +282,14 @@ async def test_photos_and_image_files_reach_the_image_path(make_app):
             assert fake.texts(chat) == [t("not_available", "en", feature=t("feature_image", "en"))]
             assert fake.downloads == []  # nothing fetched for nothing
 
-            seen = []
-
-            async def image_handler(app_, msg, surface, args, lang):
-                data = await msg.image.fetch()
-                seen.append((args, msg.image.size, msg.image.mime_type, data))
-                await surface.post(f"got {len(data)} bytes", phase="notice")
-
-            app.image_handler = image_handler
-            fake.send_document(chat, 42, b"GIF89a tiny", file_name="a.gif", mime_type="image/gif", caption="and this?")
+            app.features, app.responders["vision"] = declared, (recorder := PictureRecorder())
+            gif = tiny_picture("GIF")
+            fake.send_document(chat, 42, gif, file_name="a.gif", mime_type="image/gif", caption="and this?")
             await fake.wait_until(lambda: len(fake.texts(chat)) == 2)
-            assert seen == [("and this?", 11, "image/gif", b"GIF89a tiny")]
+            assert recorder.seen == [("and this?", len(gif), "image/gif", "GIF", len(gif))]
             fake.send_photo(chat, 42, b"big", size=30 * 2**20)  # Telegram refuses files over 20 MB
             await fake.wait_until(lambda: len(fake.texts(chat)) == 3)
-            assert fake.texts(chat)[2] == t("internal_error", "en")  # a clear message, no crash
+            assert fake.texts(chat)[2] == t("image_too_big", "en", size="30", limit="20")  # a clear message, no crash
 
 
 def _free_port() -> int:
@@ -327,9 +324,9 @@ async def test_webhook_mode_checks_the_secret_token(make_app):
 
 async def test_shutdown_lets_answers_finish_or_closes_them_cleanly(make_app):
     async with FakeTelegram(TOKEN) as fake:
-        app = make_app(**telegram_settings(fake), max_new_tokens=1800)
+        app = make_app(**telegram_settings(fake, shutdown_grace=0.5), max_new_tokens=1800)
         await slow_down(app)  # still generating when the shutdown comes, however fast the machine
-        async with running_bot(app, shutdown_grace=0.5) as adapter:
+        async with running_bot(app) as adapter:
             chat = fake.private_chat(42)
             fake.send_text(chat, 42, "code")
             await fake.wait_until(lambda: any("print(" in m.text for m in fake.messages(chat)))
@@ -386,7 +383,7 @@ async def test_a_whole_run_logs_no_token(make_app, tmp_path):
 
 
 async def test_the_real_process_serves_telegram_and_stops_cleanly_on_sigterm(tmp_path, tiny_chat_model, tiny_bajie_model):
-    """`python -m bot` with only the token (and the fake's URL) set: it answers, SIGTERM lets
+    """`python -m launcher` with only the token (and the fake's URL) set: it answers, SIGTERM lets
     the answer in flight finish, the exit is clean, and neither its log nor stderr has the token."""
     import os
     import signal
@@ -403,18 +400,18 @@ async def test_the_real_process_serves_telegram_and_stops_cleanly_on_sigterm(tmp
             "DATA_DIR": str(tmp_path / "data"), "LOG_LEVEL": "DEBUG",
         }
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", cwd=tmp_path, env=env,
+            sys.executable, "-m", "launcher", cwd=tmp_path, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         try:
-            await fake.wait_until(lambda: fake.calls_of("getUpdates"), timeout=120)
+            await fake.wait_until(lambda: fake.calls_of("getUpdates"))
             chat = fake.private_chat(42)
             fake.send_text(chat, 42, "ping")
-            await fake.wait_until(lambda: has_final(fake, chat, "pong"), timeout=120)
+            await fake.wait_until(lambda: has_final(fake, chat, "pong"))
             fake.send_text(chat, 42, "count")
             await fake.wait_until(lambda: len(fake.calls_of("sendChatAction")) >= 2)
             process.send_signal(signal.SIGTERM)
-            out, err = await asyncio.wait_for(process.communicate(), 60)
+            out, err = await process.communicate()
         finally:
             if process.returncode is None:
                 process.kill()

@@ -13,8 +13,8 @@ from PIL import Image
 
 from bot.i18n import t
 from bot.messages import ImageAttachment, Incoming
-from bot.vision_feature import XCOMPOSER_SYSTEM_PROMPT, ImageMemory
-from bot.images import PreparedImage
+from bot.vision_feature import XCOMPOSER_SYSTEM_PROMPT
+from bot.images import ImageMemory, PreparedImage
 from tests import tiny_vlm
 from tests.surfaces import RecordingSurface
 from tests.test_images import animated_gif, bomb_png, encode
@@ -207,13 +207,13 @@ async def test_discord_image_command_with_an_attachment(vision_app):
         async with running(app, fake):
             upload = fake.add_file("red.png", picture("red"), "image/png")
             interaction = await fake.slash("image", fake.alice, image=upload, question="what is this?")
-            await fake.wait_for(lambda: interaction.messages and is_done(interaction.messages[-1]), 60, "/image")
+            await fake.wait_for(lambda: interaction.messages and is_done(interaction.messages[-1]), "/image")
             assert answer_text(interaction.messages) == "red"
             # A picture attached to a message that mentions the bot works the same way.
             upload = fake.add_file("blue.png", picture("blue"), "image/png")
             question = await fake.send_message(fake.alice, fake.channel, "what is this?", mention_bot=True, attachments=[upload])
             reply = await fake.wait_for(
-                lambda: next((m for m in fake.bot_messages() if m.reference_id == question.id and is_done(m)), None), 60, "reply"
+                lambda: next((m for m in fake.bot_messages() if m.reference_id == question.id and is_done(m)), None), "reply"
             )
             assert answer_text([reply]) == "blue"
             assert fake.errors == []

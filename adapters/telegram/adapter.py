@@ -3,9 +3,8 @@
 Long polling by default; webhook mode when TELEGRAM_WEBHOOK_URL is set (every request must
 carry the secret token, TELEGRAM_WEBHOOK_SECRET or a random one per start). Each update is
 handled in its own task, so many chats stream at once; the core keeps one session's messages
-in order. On stop (SIGTERM) polling ends first, then the answers in flight may finish (up to
-`shutdown_grace` seconds; after that they are stopped like /stop, which still delivers their
-text with a "stopped" mark; only what still hangs is cancelled), then the HTTP client closes.
+in order. On stop (SIGTERM) polling ends first, then the core drains the answers in flight
+(`App.drain`: the one shutdown policy of every adapter), then the HTTP client closes.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ log = logging.getLogger(__name__)
 
 UPDATES = ["message", "callback_query"]
 TOKEN_LOGGERS = ("telegram.Bot", "telegram.ext.ExtBot")  # they log "Set Bot API URL: …/bot<token>"
-STOP_WAIT = 10.0  # seconds for stopped answers to close before they are cancelled
 MENU_LANGUAGES = (("en", None), ("zh", "zh"))  # (our language, Telegram's language_code)
 _COMMAND_NAME = re.compile(r"[a-z0-9_]{1,32}")
 
@@ -58,18 +56,16 @@ class TelegramAdapter:
         *,
         read_timeout: float = 15.0,
         poll_timeout: int = 30,
-        shutdown_grace: float = 20.0,
     ) -> None:
         self.app = app
         self.settings = settings
         self.read_timeout = read_timeout
         self.poll_timeout = poll_timeout
-        self.shutdown_grace = shutdown_grace
         self.pacer = Pacer()
         self.me: BotIdentity | None = None
         self.application: Application | None = None
         self.ready = asyncio.Event()  # set once updates are being received (for tests and logs)
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # keeps the handling tasks referenced
 
     # -- building --------------------------------------------------------------------
     def build(self) -> Application:
@@ -153,34 +149,18 @@ class TelegramAdapter:
                 await application.updater.stop()
             if application.running:
                 await application.stop()  # hands out the updates already fetched
-            await self._drain()
+            await self.app.drain(self.name)
         finally:
             await application.shutdown()
             log.info("telegram: stopped")
 
-    async def _drain(self) -> None:
-        """Let the answers in flight finish; after the grace period stop them like /stop does
-        (their text is delivered with a "stopped" mark); cancel only what still hangs."""
-        if not self._tasks:
-            return
-        log.info("telegram: letting %d answer(s) finish", len(self._tasks))
-        _, pending = await asyncio.wait(set(self._tasks), timeout=self.shutdown_grace)
-        if pending:
-            log.warning("telegram: stopping %d answer(s) still running after %.1f s", len(pending), self.shutdown_grace)
-        deadline = asyncio.get_running_loop().time() + STOP_WAIT
-        while pending and asyncio.get_running_loop().time() < deadline:
-            for key in list(self.app.sessions):
-                if key.startswith("telegram:"):  # queued answers start and are stopped in turn
-                    self.app.stop(key)
-            _, pending = await asyncio.wait(pending, timeout=0.2)
-        for task in pending:
-            task.cancel()  # once: the core's finally still closes the reply
-        await asyncio.gather(*pending, return_exceptions=True)
-
     async def _register_commands(self) -> None:
         bot = self.application.bot
         for lang, code in MENU_LANGUAGES:
-            commands = [BotCommand(name, t(key, lang)[:256]) for name, key in self.app.commands() if _COMMAND_NAME.fullmatch(name)]
+            commands = [
+                BotCommand(f.command, t(f.description_key, lang)[:256])
+                for f in self.app.menu(self.name) if _COMMAND_NAME.fullmatch(f.command)
+            ]
             try:
                 await bot.set_my_commands(commands, language_code=code)
             except TelegramError as exc:  # the menu is a convenience; the bot works without it
@@ -212,15 +192,15 @@ class TelegramAdapter:
             int(incoming.chat_id),
             is_group=incoming.is_group,
             owner_id=incoming.user_id,
-            lang=lang_of(incoming.language),
+            lang=incoming.lang,
             thread_id=int(incoming.thread_id) if incoming.thread_id else None,
             reply_to=reply_to,
         )
 
     async def _on_button(self, query: CallbackQuery) -> None:
-        lang = lang_of(query.from_user.language_code)
         kind, _, owner = (query.data or "").partition(":")
         incoming = incoming_from_callback(query)
+        lang = lang_of(query.from_user.language_code)
         try:
             if incoming is None or kind not in (STOP, REGENERATE):
                 await query.answer(t("telegram_button_expired", lang), show_alert=True)
@@ -228,7 +208,7 @@ class TelegramAdapter:
                 log.info("telegram: user %s pressed a button of user %s", query.from_user.id, owner)
                 await query.answer(t("telegram_not_your_button", lang), show_alert=True)
             elif kind == STOP:
-                stopped = self.app.stop(self.app.session_key(incoming))
+                stopped = self.app.stop_for(incoming)
                 await query.answer(t("stop_done" if stopped else "stop_nothing", lang))
             else:
                 await query.answer()

@@ -23,7 +23,7 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, RetryAfter
 
 from bot.i18n import t
-from bot.messages import MessageGone, Phase, RetryLater, SurfaceLimits
+from bot.messages import MessageGone, Phase, ReplyContext, RetryLater, SurfaceLimits
 
 from .render import MAX_LENGTH, render
 
@@ -156,6 +156,7 @@ def retry_seconds(exc: RetryAfter) -> float:
 
 
 class TelegramSurface:
+    context: ReplyContext | None = None  # set by the core; buttons use the language given at creation
     """One answer (or notice) in one chat; `handle` is the Telegram message id."""
 
     def __init__(

@@ -5,8 +5,9 @@
   follow-ups. The interaction token dies after 15 minutes, so after `switch_after` (14 min) every
   further write goes to normal channel messages instead.
 - Mentions and DMs reply to the user's message and then edit that reply.
-- The first message of an answer carries a one-line persona header; `LIMITS.max_length` leaves
-  room for it under Discord's 2000 characters.
+- The first message of an answer carries a one-line header naming the persona that answers (the
+  core says which in `context`; surfaces never ask the App); `LIMITS.max_length` leaves room for
+  it under Discord's 2000 characters.
 - Stop (while streaming) and Regenerate (when done) are stateless buttons (`DynamicItem`s): their
   custom_id holds the asker's id, so they keep working after a restart and cost no memory.
 """
@@ -16,18 +17,15 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import discord
 
 from bot.i18n import t
-from bot.messages import Incoming, MessageGone, Phase, RetryLater, SurfaceLimits
+from bot.messages import Incoming, MessageGone, Phase, ReplyContext, RetryLater, SurfaceLimits
 from bot.splitting import split
 
-from . import discord_texts  # noqa: F401  (registers the texts)
-
-if TYPE_CHECKING:
-    from .discord_bot import DiscordAdapter
+from . import texts  # noqa: F401  (registers the texts)
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +70,7 @@ class OwnedButton(discord.ui.DynamicItem[discord.ui.Button], template=r"internlm
         return False
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        adapter: DiscordAdapter = interaction.client.adapter  # type: ignore[attr-defined]
-        await adapter.on_button(interaction, self.action)
+        await interaction.client.adapter.on_button(interaction, self.action)  # type: ignore[attr-defined]
 
 
 def button_for(phase: Phase) -> str | None:
@@ -115,11 +112,10 @@ def _translate(exc: discord.HTTPException) -> Exception:
 class _Surface:
     limits = LIMITS
 
-    def __init__(self, adapter: "DiscordAdapter", incoming: Incoming, owner: int) -> None:
-        self.adapter = adapter
+    def __init__(self, incoming: Incoming, owner: int) -> None:
         self.incoming = incoming
         self.owner = owner
-        self.lang = incoming.language or "en"
+        self.context: ReplyContext | None = None  # set by the core before the first write
         self.writes = 0
         self._header_used = False
 
@@ -155,14 +151,12 @@ class _Surface:
         pass
 
     # -- helpers ---------------------------------------------------------------------------------------
+    @property
+    def lang(self) -> str:
+        return self.context.lang if self.context is not None else self.incoming.lang
+
     def _header(self) -> str:
-        app = self.adapter.app
-        persona = app.current_persona(app.session_key(self.incoming))
-        try:
-            title = t(persona.title_key, self.lang)
-        except KeyError:
-            title = persona.name
-        return persona_header(title)
+        return persona_header(self.context.persona) if self.context is not None else ""
 
     async def _post(self, handle: Posted, text: str, phase: Phase) -> Posted:
         content = handle.header + text
@@ -189,8 +183,8 @@ def _view_kwargs(view: discord.ui.View | None) -> dict[str, Any]:
 class MessageSurface(_Surface):
     """Answers a mention or DM: reply to the user's message, then edit the reply."""
 
-    def __init__(self, adapter: "DiscordAdapter", incoming: Incoming, message: discord.Message) -> None:
-        super().__init__(adapter, incoming, message.author.id)
+    def __init__(self, incoming: Incoming, message: discord.Message) -> None:
+        super().__init__(incoming, message.author.id)
         self.message = message
 
     async def _create(self, handle: Posted, content: str, view: discord.ui.View | None) -> None:
@@ -209,14 +203,14 @@ class InteractionSurface(_Surface):
     """Answers an application command (or a Regenerate press) through its interaction token."""
 
     def __init__(
-        self, adapter: "DiscordAdapter", incoming: Incoming, interaction: discord.Interaction, *,
-        received_at: float, clock: Callable[[], float],
+        self, incoming: Incoming, interaction: discord.Interaction, *,
+        received_at: float, clock: Callable[[], float], switch_after: float, token_lifetime: float,
     ) -> None:
-        super().__init__(adapter, incoming, interaction.user.id)
+        super().__init__(incoming, interaction.user.id)
         self.interaction = interaction
         self.clock = clock
-        self.switch_at = received_at + adapter.switch_after  # from here on: channel messages
-        self.expires_at = received_at + adapter.token_lifetime
+        self.switch_at = received_at + switch_after  # from here on: channel messages
+        self.expires_at = received_at + token_lifetime
         self.original_written = False
         self.token_dead = False
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 import discord
 from discord import app_commands
@@ -19,15 +19,10 @@ from discord.app_commands import locale_str
 
 from bot.i18n import t
 
-from . import discord_texts  # noqa: F401  (registers the texts)
-
-if TYPE_CHECKING:
-    from .discord_bot import DiscordAdapter
+from . import texts  # noqa: F401  (registers the texts)
 
 log = logging.getLogger(__name__)
 
-SKIPPED = {"start"}  # Telegram's convention; /help covers it on Discord
-IMAGE_COMMANDS = {"image"}
 HASH_FILE = "discord_commands.json"
 CHINESE = {discord.Locale.chinese}  # zh-CN; other locales see English
 
@@ -45,43 +40,47 @@ class I18nTranslator(app_commands.Translator):
         return t(key, "zh")[:100]
 
 
-def build_tree(client: discord.Client, adapter: "DiscordAdapter") -> app_commands.CommandTree:
-    """One app command per entry of the core's menu: persona commands (and /agent) take a prompt,
-    /image takes an attachment and a question, the rest take nothing."""
+class MenuEntry(Protocol):
+    """One command of the core's menu (a `bot.features.Feature`)."""
+
+    command: str
+    description_key: str
+    argument: str  # "prompt", "image" or "none"
+
+
+OnCommand = Callable[..., Awaitable[None]]  # (interaction, command, text, attachment=None)
+
+
+def build_tree(client: discord.Client, menu: Iterable[MenuEntry], on_command: OnCommand) -> app_commands.CommandTree:
+    """One app command per declared feature in the core's menu (bot/features.py), shaped by its
+    argument: a prompt, an image with a question, or nothing. Each hands over to `on_command`."""
     tree = app_commands.CommandTree(client)
-    prompt_commands = {p.command for p in adapter.app.personas.values()} | {"agent"}
-    for name, description_key in adapter.app.commands():
-        if name in SKIPPED:
-            continue
-        if name in IMAGE_COMMANDS:
-            callback = _image_callback(adapter, name)
-        elif name in prompt_commands:
-            callback = _prompt_callback(adapter, name)
-        else:
-            callback = _plain_callback(adapter, name)
-        tree.add_command(app_commands.Command(name=name, description=text(description_key), callback=callback))
+    callbacks = {"prompt": _prompt_callback, "image": _image_callback, "none": _plain_callback}
+    for entry in menu:
+        callback = callbacks[entry.argument](on_command, entry.command)
+        tree.add_command(app_commands.Command(name=entry.command, description=text(entry.description_key), callback=callback))
     return tree
 
 
-def _prompt_callback(adapter: "DiscordAdapter", name: str) -> Any:
+def _prompt_callback(on_command: OnCommand, name: str) -> Any:
     @app_commands.describe(prompt=text("discord_arg_prompt"))
     async def command(interaction: discord.Interaction, prompt: str | None = None) -> None:
-        await adapter.on_command(interaction, name, prompt or "")
+        await on_command(interaction, name, prompt or "")
 
     return command
 
 
-def _image_callback(adapter: "DiscordAdapter", name: str) -> Any:
+def _image_callback(on_command: OnCommand, name: str) -> Any:
     @app_commands.describe(image=text("discord_arg_image"), question=text("discord_arg_question"))
     async def command(interaction: discord.Interaction, image: discord.Attachment, question: str | None = None) -> None:
-        await adapter.on_command(interaction, name, question or "", attachment=image)
+        await on_command(interaction, name, question or "", attachment=image)
 
     return command
 
 
-def _plain_callback(adapter: "DiscordAdapter", name: str) -> Any:
+def _plain_callback(on_command: OnCommand, name: str) -> Any:
     async def command(interaction: discord.Interaction) -> None:
-        await adapter.on_command(interaction, name, "")
+        await on_command(interaction, name, "")
 
     return command
 

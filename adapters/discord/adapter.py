@@ -3,7 +3,7 @@
 Read top to bottom: `run` logs in, syncs the commands when they changed, connects the gateway
 and serves until `stop`; `on_command` defers at once and hands the command to the core;
 `on_message` does the same for DMs and mentions; `on_button` serves Stop and Regenerate.
-Everything about showing an answer is in discord_surface.py, the commands in discord_commands.py.
+Everything about showing an answer is in surface.py, the commands in commands.py.
 
 The bot needs no privileged intent: Discord delivers the text of DMs and of messages that
 mention the bot without MESSAGE_CONTENT.
@@ -25,13 +25,13 @@ from bot.config import Settings
 from bot.i18n import t
 from bot.messages import ImageAttachment, Incoming
 
-from .discord_commands import I18nTranslator, build_tree, sync_commands
-from .discord_surface import InteractionSurface, MessageSurface, OwnedButton
+from .commands import I18nTranslator, build_tree, sync_commands
+from .surface import InteractionSurface, MessageSurface, OwnedButton
 
 log = logging.getLogger(__name__)
 
 QUIET_COMMANDS = {"help", "reset", "stop", "persona"}  # answered ephemerally: only the user sees them
-SHUTDOWN_GRACE = 10.0  # seconds answers get to finish (as "stopped") on shutdown
+SURFACE_CLOSE_WAIT = 5.0  # seconds for answers' surfaces to close after the core drained them
 _CJK = re.compile(r"[\u3400-\u9fff]")
 
 
@@ -70,9 +70,15 @@ class DiscordAdapter:
             self, intents=intents, allowed_mentions=discord.AllowedMentions.none(),  # model text never pings
             guild_ready_timeout=guild_ready_timeout,
         )
-        self.tree = build_tree(self.client, self)
-        self._running: dict[asyncio.Task, str] = {}  # answers in flight -> session key
+        self.tree = build_tree(self.client, self.app.menu(self.name), self.on_command)
+        self._running: set[asyncio.Task] = set()  # answers in flight, with their surface's closing
         self._closing = False
+
+    def _interaction_surface(self, incoming: Incoming, interaction: discord.Interaction, received: float) -> InteractionSurface:
+        return InteractionSurface(
+            incoming, interaction, received_at=received, clock=self.clock,
+            switch_after=self.switch_after, token_lifetime=self.token_lifetime,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -126,18 +132,12 @@ class DiscordAdapter:
         return False
 
     async def _shutdown(self) -> None:
-        """Stop the answers in flight (they end with "⏹ stopped"), then close the connection."""
+        """Take no new work, let the core drain the answers in flight (its one shutdown policy),
+        let their surfaces close, then close the connection."""
         self._closing = True
-        deadline = time.monotonic() + SHUTDOWN_GRACE
-        while self._running and time.monotonic() < deadline:
-            for key in set(self._running.values()):  # again and again: queued answers start meanwhile
-                self.app.stop(key)
-            await asyncio.wait(list(self._running), timeout=0.1)
-        late = list(self._running)
-        for task in late:
-            task.cancel()
-        if late:
-            await asyncio.wait(late, timeout=5)
+        await self.app.drain(self.name)
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=SURFACE_CLOSE_WAIT)
         await self.client.close()
         log.info("Discord adapter stopped")
 
@@ -145,11 +145,11 @@ class DiscordAdapter:
         """Run one answer, tracked for shutdown."""
         task = asyncio.current_task()
         assert task is not None
-        self._running[task] = self.app.session_key(incoming)
+        self._running.add(task)
         try:
             await work
         finally:
-            self._running.pop(task, None)
+            self._running.discard(task)
 
     # -- turning Discord events into Incoming -------------------------------------------------------
     @staticmethod
@@ -191,7 +191,7 @@ class DiscordAdapter:
             return
         image = self._image(attachment) if attachment is not None else None
         incoming = self._from_interaction(interaction, command, text, image)
-        surface = InteractionSurface(self, incoming, interaction, received_at=received, clock=self.clock)
+        surface = self._interaction_surface(incoming, interaction, received)
         await self._serve(incoming, self._answer(incoming, surface, self.app.handle))
 
     async def _answer(self, incoming: Incoming, surface: InteractionSurface,
@@ -205,7 +205,7 @@ class DiscordAdapter:
         received = self.clock()
         incoming = self._from_interaction(interaction, None, "")
         if action == "stop":
-            stopped = self.app.stop(self.app.session_key(incoming))
+            stopped = self.app.stop_for(incoming)
             if stopped:
                 await interaction.response.defer()  # the answer itself shows "⏹ stopped"
             else:
@@ -214,7 +214,7 @@ class DiscordAdapter:
         if self._closing:
             return
         await interaction.response.defer(thinking=True)
-        surface = InteractionSurface(self, incoming, interaction, received_at=received, clock=self.clock)
+        surface = self._interaction_surface(incoming, interaction, received)
         await self._serve(incoming, self._answer(incoming, surface, self.app.regenerate))
 
     # -- mentions and DMs ------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ class DiscordAdapter:
             language=self._message_language(message, text), user_name=message.author.name,
             image=self._image(images[0]) if images else None,
         )
-        await self._serve(incoming, self.app.handle(incoming, MessageSurface(self, incoming, message)))
+        await self._serve(incoming, self.app.handle(incoming, MessageSurface(incoming, message)))
 
     @staticmethod
     def _message_language(message: discord.Message, text: str) -> str | None:

@@ -8,15 +8,18 @@ import logging
 import signal
 import sys
 
-from .app import App, role_specs
-from .config import ROLES, ConfigError, Settings, load_settings
-from .logs import setup_logging
+from bot.app import role_specs
+from bot.config import ROLES, ConfigError, Settings, load_settings
+from bot.logs import setup_logging
+from bot.platforms import PLATFORMS, platform_names
+
+from .compose import build_app, create_adapters
 
 log = logging.getLogger("bot")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bot", description="InternLM chat bot for Telegram, Discord and the console.")
+    parser = argparse.ArgumentParser(prog="python -m launcher", description="InternLM chat bot for Telegram, Discord and the console.")
     parser.add_argument(
         "mode", nargs="?", default="run", choices=("run", "console", "check"),
         help="run: every adapter with a token (the console when none); console: local chat; check: show configuration",
@@ -38,27 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def platform_names(settings: Settings) -> list[str]:
-    names = []
-    if settings.telegram_bot_token.get_secret_value():
-        names.append("telegram")
-    if settings.discord_bot_token.get_secret_value():
-        names.append("discord")
-    return names
-
-
-def build_app(settings: Settings) -> App:
-    from .features import install_features
-
-    app = App(settings)
-    install_features(app)
-    return app
-
-
 async def serve(settings: Settings, platforms: list[str]) -> None:
     """Run the adapters until SIGTERM/SIGINT (or end of console input)."""
-    from adapters.registry import create_adapters
-
     app = build_app(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -78,9 +62,9 @@ async def serve(settings: Settings, platforms: list[str]) -> None:
             if task is not stopper and task.exception():
                 log.error("adapter %s stopped: %r", task.get_name(), task.exception())
         stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=settings.shutdown_grace + 30)
     except asyncio.TimeoutError:
-        log.warning("adapters did not stop within 30 s")
+        log.warning("adapters did not stop in time")
     finally:
         stopper.cancel()
         for task in tasks:
@@ -96,7 +80,7 @@ def check(settings: Settings) -> int:
 
     print(f"configuration: OK (data in {settings.data_dir.resolve()})")
     platforms = platform_names(settings)
-    for name in ("telegram", "discord"):
+    for name in (p.name for p in PLATFORMS):
         print(f"adapter {name}: {'configured' if name in platforms else 'not configured (no token)'}")
     print(f"adapter console: {'not used (a platform token is set)' if platforms else 'used (no platform token)'}")
     problems = 0
