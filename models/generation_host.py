@@ -32,6 +32,10 @@ from .devices import describe_memory
 log = logging.getLogger(__name__)
 
 PROBE_TOKENS = 8
+# Settings a checkpoint's generation_config may carry that the engine does not apply (it applies
+# temperature, top-k and top-p per answer): the load log names any that are set.
+_NOT_APPLIED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "typical_p": 1.0, "min_p": None,
+                "min_new_tokens": None, "min_length": 0, "bad_words_ids": None, "suppress_tokens": None}
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,15 @@ def load_engine(spec: WorkerSpec) -> tuple[BatchEngine, dict]:
         layers, cache_cls = kv_cache.unwrap(out.past_key_values)
         kv_cache.check_layout(layers, 1, PROBE_TOKENS)
     eos = getattr(config, "eos_token_id", None)
+    ignored = {name: getattr(config, name, None) for name, neutral in _NOT_APPLIED.items()
+               if getattr(config, name, neutral) not in (neutral, None)}
     info = dict(
         kv_bytes_per_token=kv_cache.bytes_per_token(layers, PROBE_TOKENS),
         max_positions=int(getattr(model.config, "max_position_embeddings", 0) or 0),
         eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
         cache="legacy tuples" if cache_cls is None else cache_cls.__name__,
         memory=describe_memory(model, spec.device),
+        ignored=ignored,
     )
     return engine, info
 

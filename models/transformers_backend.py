@@ -129,6 +129,9 @@ class TransformersBackend:
             info["memory"], self.max_batch, self.host_kind, self.kv_budget_tokens, self.kv_cache_mb,
             info["kv_bytes_per_token"], info["cache"],
         )
+        if info.get("ignored"):
+            log.warning("%s: its generation_config sets %s, which the batching engine does not apply",
+                        self.path, ", ".join(f"{k}={v}" for k, v in info["ignored"].items()))
 
     def _start_host(self) -> dict:
         spec = WorkerSpec(
