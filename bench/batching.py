@@ -42,7 +42,7 @@ from bot.messages import Incoming, SurfaceLimits  # noqa: E402
 
 MODELS = {
     "wide": dict(hidden=1024, layers=6),  # bench/streaming.py's model: compute-bound on a CPU
-    "deep": dict(hidden=128, layers=32),  # per-op overhead bound, like a 1.8B model on a GPU
+    "deep": dict(hidden=128, layers=96),  # per-op overhead bound, like a 1.8B model on a GPU (32 layers: ~6 ms/token here)
     "internlm2-1.8b": streaming_bench.INTERNLM2_1_8B,
 }
 QUESTION = "code"

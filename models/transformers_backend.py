@@ -36,8 +36,9 @@ DEFAULT_KV_CACHE_MB = 4096
 class _Request:
     """One stream's view of its row in the engine: token ids not yet read, and how it ended."""
 
-    def __init__(self, rid: int) -> None:
+    def __init__(self, rid: int, host) -> None:
         self.rid = rid
+        self.host = host  # the generation process (or thread) that runs it
         self.tokens: list[int] = []
         self.finish: str | None = None
         self.error: str | None = None
@@ -138,7 +139,7 @@ class TransformersBackend:
             path=self.path, device=self.device, dtype=str(self.dtype).removeprefix("torch."), max_batch=self.max_batch,
             torch_threads=torch.get_num_threads() if self.device == "cpu" else 0,
         )
-        host = HOSTS[self.host_kind](spec, self._on_message, self._on_exit)
+        host = HOSTS[self.host_kind](spec, self._on_message, lambda reason: self._on_exit(host, reason))
         info = host.start()
         self._host = host
         return info
@@ -197,11 +198,15 @@ class TransformersBackend:
             raise ModelError(f"the prompt ({len(ids)} tokens) fills the {self.context_window}-token context")
         host = await self._running_host()
         rid = next(self._ids)
-        request = self._requests[rid] = _Request(rid)
+        request = self._requests[rid] = _Request(rid, host)
         job = Job(rid, ids, budget, temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p,
                   eos=frozenset(self.eos_ids))
         decoder = IncrementalDecoder(self.tokenizer, skip_special_tokens, set(self.eos_ids))
-        host.send(("add", job))
+        try:
+            host.send(("add", job))
+        except (OSError, ValueError) as exc:  # the process died a moment ago
+            self._requests.pop(rid, None)
+            raise ModelError(f"the generation process of {self.path} stopped: {exc!r}") from exc
         unsubscribe = _on_cancel(cancel, lambda: self._cancel(request))
         produced, text = 0, ""
         try:
@@ -242,8 +247,8 @@ class TransformersBackend:
         if request.cancel_sent or request.finish is not None:
             return
         request.cancel_sent = True
-        host = self._host
-        if host is not None:
+        host = request.host
+        if host is self._host:
             try:
                 host.send(("cancel", request.rid))
             except (OSError, ValueError):
@@ -285,11 +290,13 @@ class TransformersBackend:
             if future is not None and not future.done():
                 future.set_exception(ModelError(error)) if error else future.set_result(value)
 
-    def _on_exit(self, reason: str) -> None:
-        """The generation process died: end its answers (model-failed); the next stream restarts it."""
-        log.error("%s: %s; %d answers in flight end with an error", self.path, reason, len(self._requests))
-        self.metrics.batch_size = 0
-        for request in list(self._requests.values()):
+    def _on_exit(self, host, reason: str) -> None:
+        """A generation process died: end its answers (model-failed); the next stream restarts it."""
+        lost = [r for r in self._requests.values() if r.host is host]
+        log.error("%s: %s; %d answers in flight end with an error", self.path, reason, len(lost))
+        if host is self._host:
+            self.metrics.batch_size = 0
+        for request in lost:
             request.feed(-1, ERROR, reason)
         for future in self._calls.values():
             if not future.done():
