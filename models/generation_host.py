@@ -123,12 +123,21 @@ class ProcessHost:
         self.closed = False
 
     def start(self) -> dict:
-        """Start the process and wait until its model is loaded (blocking: call off the loop)."""
+        self.launch()
+        return self.ready()
+
+    def launch(self) -> None:
+        """Start the process; it loads the model meanwhile."""
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe(duplex=True)
         self.process = context.Process(target=process_main, args=(theirs, self.spec), name="generation", daemon=True)
         self.process.start()
         theirs.close()
+        self.conn = ours
+
+    def ready(self) -> dict:
+        """Wait until the model is loaded (blocking: call off the event loop)."""
+        ours = self.conn
         while not ours.poll(0.5):
             if not self.process.is_alive():
                 ours.close()
@@ -141,7 +150,6 @@ class ProcessHost:
             ours.close()
             self.process.join(10)
             raise RuntimeError(payload)
-        self.conn = ours
         return payload
 
     @property
@@ -232,6 +240,13 @@ class ThreadHost:
         self.closed = False
 
     def start(self) -> dict:
+        self.launch()
+        return self.ready()
+
+    def launch(self) -> None:
+        pass  # the model loads in ready(), on the caller's thread
+
+    def ready(self) -> dict:
         engine, info = load_engine(self.spec)
         self.model = engine.model
         self.thread = threading.Thread(target=self._run, args=(engine,), name="generation", daemon=True)
@@ -271,7 +286,8 @@ class ThreadHost:
         if not self.closed:
             self.closed = True
             self.queue.put(("close",))
-            self.thread.join(10)
+            if self.thread is not None:
+                self.thread.join(10)
 
     pid = None
 

@@ -117,8 +117,15 @@ class TransformersBackend:
     def load(self) -> None:
         """Tokenizer here, model in the generation host; blocking (runs off the event loop)."""
         started = time.perf_counter()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=True)
-        info = self._start_host()
+        host = self._new_host()
+        host.launch()  # the model loads there while the tokenizer loads here
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=True)
+        except BaseException:
+            host.close()
+            raise
+        info = host.ready()
+        self._host = host
         limit = info["max_positions"] or self.max_context_tokens
         self.context_window = min(self.max_context_tokens, limit)
         self.kv_budget_tokens = max(self.context_window, self.kv_cache_mb * 2**20 // info["kv_bytes_per_token"])
@@ -134,15 +141,18 @@ class TransformersBackend:
             log.warning("%s: its generation_config sets %s, which the batching engine does not apply",
                         self.path, ", ".join(f"{k}={v}" for k, v in info["ignored"].items()))
 
-    def _start_host(self) -> dict:
+    def _new_host(self):
         spec = WorkerSpec(
             path=self.path, device=self.device, dtype=str(self.dtype).removeprefix("torch."), max_batch=self.max_batch,
             torch_threads=torch.get_num_threads() if self.device == "cpu" else 0,
         )
         host = HOSTS[self.host_kind](spec, self._on_message, lambda reason: self._on_exit(host, reason))
-        info = host.start()
+        return host
+
+    def _start_host(self) -> None:
+        host = self._new_host()
+        host.start()
         self._host = host
-        return info
 
     @property
     def model(self):
