@@ -6,7 +6,9 @@ failures touch only what they should."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
+import shutil
 import signal
 
 import pytest
@@ -157,3 +159,15 @@ async def test_answers_wait_with_their_queue_position_when_the_kv_cache_budget_i
     metrics = model.metrics()
     assert metrics["queued"] == metrics["running"] == metrics["batch_size"] == 0
     assert metrics["tokens_total"] >= 4 * 12 and metrics["tokens_per_s"] > 0
+
+
+async def test_a_checkpoint_that_fails_to_load_in_the_generation_process_is_a_clear_error(make_app, tiny_chat_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_chat_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not a checkpoint")
+    app = make_app(generation_host="process", chat_model=str(broken))
+    for _ in range(2):  # and again: no hang, no half-started process
+        surface = await ask(app, "ping", "u")
+        assert surface.messages == [t("model_unavailable", "en")]
+    assert app.hub.get("chat").backend is None
+    assert not [p for p in multiprocessing.active_children() if p.name == "generation"]
