@@ -75,8 +75,11 @@ def random_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int, heads
 
 
 def raw_run(backend, prompt_ids: list[int], tokens: int, model=None) -> tuple[float, float]:
-    """(tokens/s, first-token latency) of model.generate with a plain streamer."""
+    """(tokens/s, first-text latency) of model.generate with a plain streamer. First text: the
+    first token after which the answer has visible text, as the bot's console shows it (a random
+    model may begin with whitespace or half a character; both paths then wait for more tokens)."""
     first: list[float] = []
+    generated: list[int] = []
 
     class Streamer:
         seen_prompt = False
@@ -86,7 +89,10 @@ def raw_run(backend, prompt_ids: list[int], tokens: int, model=None) -> tuple[fl
                 self.seen_prompt = True
                 return
             if not first:
-                first.append(time.perf_counter())
+                generated.extend(value.reshape(-1).tolist())
+                text = backend.tokenizer.decode(generated, skip_special_tokens=True)
+                if text.strip() and not text.endswith("\ufffd"):
+                    first.append(time.perf_counter())
 
         def end(self):
             pass
@@ -101,7 +107,7 @@ def raw_run(backend, prompt_ids: list[int], tokens: int, model=None) -> tuple[fl
         )
     elapsed = time.perf_counter() - started
     produced = out.shape[1] - ids.shape[1]
-    return produced / elapsed, first[0] - started
+    return produced / elapsed, (first[0] if first else time.perf_counter()) - started
 
 
 async def bot_run(app: App, text: str) -> tuple[float, float, int]:
