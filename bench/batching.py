@@ -3,7 +3,7 @@
 For each random-weight model (greedy, end-of-turn suppressed so every answer has exactly
 --tokens tokens), in one process, alternating runs:
 - ceiling: raw `model.generate` on a batch of N equal prompts (the same prompt ids the bot
-  sends), in this process;
+  sends), timed in the bot's generation process on the same model object (bench/baselines.py);
 - bot: N users ask at the same moment through `App.handle` (the model in its generation
   process by default), each on a surface that takes every edit at once.
 It prints aggregate tokens/s (all users), per-user tokens/s (median), bot ÷ ceiling, and the
@@ -34,8 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the bench trains a tokenizer, then starts processes
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
+import baselines  # noqa: E402  (bench/baselines.py: raw generate where the model lives)
 import streaming as streaming_bench  # noqa: E402  (bench/streaming.py: tokenizer and random models)
 from bot.app import App  # noqa: E402
 from bot.config import Settings  # noqa: E402
@@ -92,10 +92,7 @@ class Bench:
         self.backend = self.model.backend
         self.prompt_ids = self.backend.encode(self.model.last_prompt)
         self.device = self.backend.device
-        self.raw = AutoModelForCausalLM.from_pretrained(path, torch_dtype=self.backend.dtype).to(self.device).eval()
-        tokens, self.tokens = self.tokens, 2
-        self.raw_batch(1)  # warm up this copy too
-        self.tokens = tokens
+        self.raw_batch(1)  # warm up the baseline too
 
     def close(self) -> None:
         self.app.hub.close()
@@ -148,36 +145,16 @@ class Bench:
 
     # -- the ceiling ---------------------------------------------------------------------------
     def raw_batch(self, n: int) -> tuple[float, float]:
-        """(aggregate tokens/s, seconds per decode step) of generate on n equal prompts."""
-        ids = torch.tensor([self.prompt_ids] * n, device=self.device)
-        eos = self.backend.eos_ids
-        _sync(self.device)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            out = self.raw.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.tokens,
-                                    do_sample=False, eos_token_id=eos, pad_token_id=eos[0], temperature=None, top_p=None,
-                                    top_k=None)
-        _sync(self.device)
-        elapsed = time.perf_counter() - started
-        produced = (out.shape[1] - ids.shape[1]) * n
+        """(aggregate tokens/s, seconds per decode step) of generate on n equal prompts, timed in
+        the process where the bot's model lives, on that model object (bench/baselines.py)."""
+        elapsed, produced = self.in_worker(baselines.generate_batch, self.prompt_ids, n, self.tokens, self.backend.eos_ids)
         return produced / elapsed, (elapsed - self.prefill()) / self.tokens
 
     def prefill(self) -> float:
-        ids = torch.tensor([self.prompt_ids], device=self.device)
-        times = []
-        for _ in range(3):
-            _sync(self.device)
-            started = time.perf_counter()
-            with torch.inference_mode():
-                self.raw(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-            _sync(self.device)
-            times.append(time.perf_counter() - started)
-        return statistics.median(times)
+        return self.in_worker(baselines.prefill_seconds, self.prompt_ids)
 
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    def in_worker(self, fn, *args):
+        return self.loop.run_until_complete(self.backend.call_in_worker(fn, *args))
 
 
 def bench_model(name: str, path: Path, params: int, args, data_dir: Path) -> list[str]:

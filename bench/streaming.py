@@ -2,7 +2,8 @@
 
 For each model (the tiny test model, and a random-weight Llama sized to take ~20 ms per token
 on this CPU) it measures, alternating runs to share any drift:
-- raw: `model.generate` with a streamer on the same prompt ids, greedy, a fixed token count;
+- raw: `model.generate` with a streamer on the same prompt ids, greedy, a fixed token count,
+  timed in the process where the bot's model lives, on that model object (bench/baselines.py);
 - bot: `App.handle` through the console adapter with output discarded (same persona prompt),
   the model in its generation process (`--host thread`: on a thread of this process).
 It prints tokens/s of each, their ratio (goal ≥ 0.97) and the bot's added first-token latency
@@ -25,12 +26,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the bench trains a tokenizer, then starts processes
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import baselines  # noqa: E402  (bench/baselines.py)
 from adapters.console import ConsoleAdapter  # noqa: E402
 from bot.app import App  # noqa: E402
 from bot.config import Settings  # noqa: E402
@@ -74,40 +77,20 @@ def random_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int, heads
     return out, params
 
 
-def raw_run(backend, prompt_ids: list[int], tokens: int, model=None) -> tuple[float, float]:
-    """(tokens/s, first-text latency) of model.generate with a plain streamer. First text: the
-    first token after which the answer has visible text, as the bot's console shows it (a random
-    model may begin with whitespace or half a character; both paths then wait for more tokens)."""
-    first: list[float] = []
-    generated: list[int] = []
-
-    class Streamer:
-        seen_prompt = False
-
-        def put(self, value):
-            if not self.seen_prompt:
-                self.seen_prompt = True
-                return
-            if not first:
-                generated.extend(value.reshape(-1).tolist())
-                text = backend.tokenizer.decode(generated, skip_special_tokens=True)
-                if text.strip() and not text.endswith("\ufffd"):
-                    first.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    ids = torch.tensor([prompt_ids], device=backend.device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        out = (model or backend.model).generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
-            eos_token_id=backend.eos_ids, pad_token_id=backend.eos_ids[0], streamer=Streamer(),
-            temperature=None, top_p=None, top_k=None,
-        )
-    elapsed = time.perf_counter() - started
-    produced = out.shape[1] - ids.shape[1]
-    return produced / elapsed, (first[0] if first else time.perf_counter()) - started
+def raw_run(loop, backend, prompt_ids: list[int], tokens: int) -> tuple[float, float]:
+    """(tokens/s, first-text latency) of model.generate, greedy, timed where the bot's model
+    lives (its generation process), on the same model object. First text: the first token after
+    which the answer has visible text, as the bot's console counts it (a random model may begin
+    with whitespace or half a character; both paths then wait for more tokens)."""
+    elapsed, times, ids = loop.run_until_complete(
+        backend.call_in_worker(baselines.generate_timed, prompt_ids, tokens, backend.eos_ids))
+    first = times[-1] if times else elapsed
+    for n in range(1, len(ids) + 1):
+        text = backend.tokenizer.decode(ids[:n], skip_special_tokens=True)
+        if text.strip() and not text.endswith("\ufffd"):
+            first = times[n - 1]
+            break
+    return len(ids) / elapsed, first
 
 
 async def bot_run(app: App, text: str) -> tuple[float, float, int]:
@@ -141,14 +124,12 @@ def bench_model(label: str, path: Path, tokens: int, repeats: int, data_dir: Pat
     loop.run_until_complete(bot_run(app, "/reset"))
     loop.run_until_complete(bot_run(app, "ping"))  # load + warm up
     backend = app.hub.get("chat").backend
-    # raw generate runs here, in this process; with the process host the bot's copy is elsewhere
-    model = backend.model or AutoModelForCausalLM.from_pretrained(path, torch_dtype=backend.dtype).to(backend.device).eval()
     raw_tps, raw_first, bot_tps, bot_first = [], [], [], []
     question = "code"
     for warm_up in (True,) + (False,) * repeats:  # one unmeasured round: both paths see these shapes once
         loop.run_until_complete(bot_run(app, "/reset"))
         tps, first, produced = loop.run_until_complete(bot_run(app, question))
-        tps_raw, first_raw = raw_run(backend, backend.encode(app.hub.get("chat").last_prompt), produced, model)
+        tps_raw, first_raw = raw_run(loop, backend, backend.encode(app.hub.get("chat").last_prompt), produced)
         if not warm_up:
             bot_tps.append(tps)
             bot_first.append(first)
