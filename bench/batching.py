@@ -6,10 +6,10 @@ For each random-weight model (greedy, end-of-turn suppressed so every answer has
   sends), timed in the bot's generation process on the same model object (bench/baselines.py);
 - bot: N users ask at the same moment through `App.handle` (the model in its generation
   process by default), each on a surface that takes every edit at once.
-It prints aggregate tokens/s (all users), per-user tokens/s (median), bot ÷ ceiling, and the
-time to first token of a request that arrives while 7 others stream, against that request's
-own prefill (one forward of its prompt, alone) + 2 decode steps of a batch of 8 (from the
-ceiling run). Goals (2-core CPU): bot ÷ ceiling ≥ 0.8 at N = 8; late first token ≤ prefill +
+It prints aggregate tokens/s (all users), per-user tokens/s (medians), bot ÷ ceiling (the median
+of adjacent pairs' ratios), and the time to first token of a request that arrives while 7
+others stream, against that request's own prefill (one forward of its prompt, alone) + 2 decode
+steps of a batch of 8 (from the ceiling run). Goals (2-core CPU): bot ÷ ceiling ≥ 0.8 at N = 8; late first token ≤ prefill +
 2 steps. On a GPU (InternLM2-1.8B shape, bf16): aggregate at N = 16 ≥ 10 × N = 1.
 
     .venv/bin/python bench/batching.py [--models wide,deep] [--users 1,2,4,8,16] [--tokens 64]
@@ -176,20 +176,24 @@ def bench_model(name: str, path: Path, params: int, args, data_dir: Path) -> lis
                 bot.append(agg)
                 per_user.append(user)
             r, b = statistics.median(raw), statistics.median(bot)
+            ratio = statistics.median(y / x for x, y in zip(raw, bot))  # adjacent runs share the machine's load
             base = base or b
             if n == 8:
                 step8 = statistics.median(step)
-            lines.append(f"{n:>3} {r:>14.1f} {b:>10.1f} {b / r:>12.3f} {statistics.median(per_user):>13.1f} "
+            lines.append(f"{n:>3} {r:>14.1f} {b:>10.1f} {ratio:>12.3f} {statistics.median(per_user):>13.1f} "
                          f"{r / n:>17.1f} {b / base:>9.2f}")
             print(lines[-1], flush=True)
         if args.late:
             step8 = step8 or statistics.median(bench.raw_batch(8)[1] for _ in range(args.repeats))
-            prefill = bench.prefill()
-            ttft = statistics.median(bench.late_arrival() for _ in range(args.repeats))
+            late = []
+            for _ in range(args.repeats):  # each arrival against its own prefill, measured next to it
+                ttft, prefill = bench.late_arrival(), bench.prefill()
+                late.append((ttft / (prefill + 2 * step8), ttft, prefill))
+            ratio_late, ttft, prefill = sorted(late)[len(late) // 2]
             goal = prefill + 2 * step8
             lines.append(f"late arrival (7 streaming): first token {1000 * ttft:.1f} ms; its prefill {1000 * prefill:.1f} ms "
                          f"+ 2 decode steps at batch 8 ({1000 * step8:.1f} ms each) = {1000 * goal:.1f} ms; "
-                         f"ratio {ttft / goal:.2f} (goal ≤ 1)")
+                         f"ratio {ratio_late:.2f} (goal ≤ 1)")
             print(lines[-1], flush=True)
     finally:
         bench.close()
