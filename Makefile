@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run console check test bench system-deps install clean
+.PHONY: run console check test bench system-deps install gpu clean
 
 run: install system-deps
 	$(PY) -m launcher
@@ -37,6 +37,12 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
 	  else echo "note: install bubblewrap (sudo apt-get install bubblewrap) so /agent can run code"; fi; }
+
+# GPU hosts: torchvision (XComposer2's code imports it), the CUDA build matched to torch 2.13.0.
+# Refused on a CPU-only torch, next to which PyPI's torchvision breaks every transformers import.
+gpu: install
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 'error: this torch is a CPU build; PyPI torchvision would break it (README: GPU notes)')"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[gpu,test]'
 
 bench: install
 	$(PY) bench/streaming.py

@@ -8,6 +8,7 @@ exits at end of input). Lines are answered in order; `/stop` typed during an ans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import locale
 import os
@@ -16,7 +17,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Iterator, TextIO
 
 from bot.app import App
 from bot.messages import ImageAttachment, Incoming, Phase, ReplyContext, SurfaceLimits
@@ -136,13 +137,29 @@ class ConsoleAdapter:
                     pass
 
     def _read(self, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue) -> None:
-        """Runs on the reader thread: `/stop` acts at once, other lines queue in order."""
+        """Runs on the reader thread: `/stop` acts at once, other lines queue in order. End of
+        input, or input that cannot be read at all, always ends the console."""
         try:
-            for line in iter(self.stdin.readline, ""):
+            for line in self._lines():
                 loop.call_soon_threadsafe(self._on_line, line.rstrip("\n"), lines)
-            loop.call_soon_threadsafe(lines.put_nowait, None)
-        except (RuntimeError, ValueError):  # the loop or stdin closed first: nothing to deliver
-            pass
+        except (OSError, ValueError) as exc:  # stdin closed or broken: treat it as end of input
+            if not isinstance(exc, ValueError) or "closed file" not in str(exc):
+                self.err.write(f"console: cannot read input ({exc}); stopping\n")
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop closed first: nobody is waiting
+                loop.call_soon_threadsafe(lines.put_nowait, None)
+
+    def _lines(self) -> Iterator[str]:
+        """stdin's lines. Bytes are decoded here, with undecodable ones replaced (U+FFFD), so
+        invalid UTF-8 reaches the core, which answers with its binary-data notice, instead of
+        raising in the reader whatever PYTHONIOENCODING says."""
+        raw = getattr(self.stdin, "buffer", None)
+        if raw is None:  # a text-only stream (tests): already str
+            yield from iter(self.stdin.readline, "")
+            return
+        encoding = getattr(self.stdin, "encoding", None) or "utf-8"
+        for line in iter(raw.readline, b""):
+            yield line.decode(encoding, errors="replace")
 
     def _on_line(self, line: str, lines: asyncio.Queue) -> None:
         if line.strip() == "/stop" and self._answering is not None:

@@ -20,12 +20,17 @@ class Allowlist:
     users: frozenset[str] = frozenset()
     chats: frozenset[str] = frozenset()
     guilds: frozenset[str] = frozenset()
+    # A Discord thread is a channel with its own id, so listing it admits it; a Telegram forum
+    # topic id is a small number that any supergroup may have, so only chat ids count there.
+    threads_are_chats: bool = False
 
     def permits(self, msg: Incoming) -> bool:
         """Empty lists allow everyone; each non-empty list must contain the message's id."""
         if self.users and msg.user_id not in self.users:
             return False
-        if self.chats and msg.chat_id not in self.chats and (msg.thread_id or "") not in self.chats:
+        if self.chats and msg.chat_id not in self.chats and not (
+            self.threads_are_chats and msg.thread_id and msg.thread_id in self.chats
+        ):
             return False
         if self.guilds and (msg.guild_id or "") not in self.guilds:
             return False
@@ -40,7 +45,8 @@ class AccessPolicy:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.platforms = {
-            p.name: Allowlist(_ids(settings, p.allowed_users), _ids(settings, p.allowed_chats), _ids(settings, p.allowed_guilds))
+            p.name: Allowlist(_ids(settings, p.allowed_users), _ids(settings, p.allowed_chats),
+                              _ids(settings, p.allowed_guilds), threads_are_chats=p.threads_are_chats)
             for p in PLATFORMS
         }
 

@@ -43,6 +43,10 @@ TEXTS = {
         "en": "⏱ Stopped: the {seconds} s CPU time limit was reached.",
         "zh": "⏱ 已停止：超过了 {seconds} 秒的 CPU 时间限制。",
     },
+    "agent_stopped_memory": {
+        "en": "🧠 Stopped: the code needed more than its {mb} MB of memory (all its processes together).",
+        "zh": "🧠 已停止：代码需要的内存超过了 {mb} MB 的上限（所有进程合计）。",
+    },
     "agent_stopped_output": {
         "en": "✂️ Stopped: too much output (only the beginning is kept).",
         "zh": "✂️ 已停止：输出太多（只保留了开头部分）。",
@@ -67,8 +71,8 @@ TEXTS = {
     "agent_no_tools": {"en": "none", "zh": "无"},
     "agent_help_sandbox": {
         "en": "Code runs in a sandbox: no network, no access to the bot's files, {cpu} s of CPU and {wall} s in all, "
-        "{memory} MB of memory, {processes} processes, {chars} characters of output; nothing is kept between runs.",
-        "zh": "代码在沙箱中运行：无网络，无法访问机器人的文件；限制为 CPU {cpu} 秒、总时长 {wall} 秒、内存 {memory} MB、"
+        "{memory} MB of memory in all, {processes} processes, {chars} characters of output; nothing is kept between runs.",
+        "zh": "代码在沙箱中运行：无网络，无法访问机器人的文件；限制为 CPU {cpu} 秒、总时长 {wall} 秒、内存共 {memory} MB、"
         "{processes} 个进程、输出 {chars} 个字符；每次运行之间不保留任何内容。",
     },
     "agent_help_unsafe": {
@@ -193,6 +197,8 @@ class StepRenderer:
             lines.append(t("agent_stopped_wall", self.lang, seconds=f"{self.limits.wall_seconds:g}") + "\n")
         elif run.reason == "cpu":
             lines.append(t("agent_stopped_cpu", self.lang, seconds=self.limits.cpu_seconds) + "\n")
+        elif run.reason == "memory":
+            lines.append(t("agent_stopped_memory", self.lang, mb=self.limits.memory_mb) + "\n")
         elif run.reason == "output":
             lines.append(t("agent_stopped_output", self.lang) + "\n")
         elif run.reason == "cancelled":
@@ -275,6 +281,7 @@ def sandbox_limits(settings) -> SandboxLimits:
         memory_mb=settings.sandbox_memory_mb,
         max_processes=settings.sandbox_max_processes,
         max_output_chars=settings.sandbox_max_output_chars,
+        total_memory_mb=settings.sandbox_total_memory_mb,
     )
 
 
@@ -287,6 +294,8 @@ def make_sandbox(settings) -> Sandbox | None:
         log.error("agent: Python is disabled: %s", sandbox.problem)
     elif not sandbox.sandboxed:
         log.warning("agent: SANDBOX_UNSAFE_NO_BWRAP=true: model-written code runs on this host WITHOUT a sandbox")
+    else:
+        log.info("agent: sandbox memory %s; at most %d runs at once", sandbox.memory_mode, sandbox.max_concurrent)
     return sandbox
 
 

@@ -28,6 +28,7 @@ from .messages import Incoming, ReplyContext, ReplySurface
 from .personas import Persona, build_personas
 from .responders import ChatResponder, Responder, Turn
 from .store import VISIBLE, HistoryStore
+from .stopping import UntilStopped
 from .streaming import ReplyStream
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Session:
     key: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one generation at a time
     cancel: Cancel | None = None
+    stopped: asyncio.Event | None = None  # /stop for the answer in flight, seen at once (bot/stopping.py)
 
 
 @dataclass
@@ -276,6 +278,8 @@ class App:
         session = self.sessions.get(key)
         if session and session.cancel and not session.cancel.is_set:
             session.cancel.set()
+            if session.stopped is not None:
+                session.stopped.set()
             return True
         return False
 
@@ -381,21 +385,15 @@ class App:
             elif stream.status:  # replace a queue notice; otherwise show nothing until text
                 stream.set_status(t("thinking", lang))
 
-        session.cancel = Cancel()
+        session.cancel, session.stopped = Cancel(), asyncio.Event()
         return Turn(req.msg, session.key, tenant, persona, history, text, lang, session.cancel, on_wait, picture=picture)
 
     async def _answer(self, turn: Turn, stream: ReplyStream) -> None:
         key, persona, lang, cancel = turn.session_key, turn.persona, turn.lang, turn.cancel
         answer_id = self.store.add(key, persona.name, "assistant", "", status="streaming")
         status, suffix = "ok", ""
-        saved_at = self.clock()
         try:
-            async with aclosing(self.responders[persona.name].respond(turn)) as deltas:
-                async for delta in deltas:
-                    stream.feed(delta)
-                    if self.clock() - saved_at >= SAVE_EVERY:
-                        saved_at = self.clock()
-                        self.store.update(answer_id, stream.text)
+            await self._stream_answer(turn, stream, self.sessions[key].stopped, answer_id)
             if cancel.is_set:
                 status, suffix = "stopped", t("stopped_mark", lang)
         except ModelError as exc:
@@ -409,7 +407,7 @@ class App:
             log.exception("%s failed for %s", persona.name, turn.tenant)
             status, suffix = "failed", t("internal_error", lang)
         finally:
-            self.sessions[key].cancel = None
+            self.sessions[key].cancel = self.sessions[key].stopped = None
             answer = turn.stored_answer if turn.stored_answer is not None else stream.text
             self.store.update(answer_id, answer, status)
             log.info(
@@ -419,6 +417,26 @@ class App:
         if suffix:
             stream.feed(("\n\n" if stream.text else "") + suffix)
         await stream.finish(empty_text=t("empty_answer", lang))
+
+    async def _stream_answer(self, turn: Turn, stream: ReplyStream, stopped: asyncio.Event, answer_id: int) -> None:
+        """Show the responder's deltas; a /stop before any text marks the reply stopped at once."""
+        saved_at = self.clock()
+        async with aclosing(self.responders[turn.persona.name].respond(turn)) as deltas:
+            shown = UntilStopped(deltas, stopped, armed=lambda: not stream.text)
+            try:
+                async for delta in shown:
+                    stream.feed(delta)
+                    if self.clock() - saved_at >= SAVE_EVERY:
+                        saved_at = self.clock()
+                        self.store.update(answer_id, stream.text)
+                if shown.cut:  # say so now; the model may still be reading the prompt
+                    if turn.stored_answer is None:
+                        turn.stored_answer = stream.text
+                    self.store.update(answer_id, turn.stored_answer, "stopped")  # stored before it is shown
+                    stream.feed(("\n\n" if stream.text else "") + t("stopped_mark", turn.lang))
+                    await stream.finish()
+            finally:
+                await shown.drain()
 
     # -- shutdown: one policy for every adapter --------------------------------------------
     @contextmanager

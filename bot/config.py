@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     chat_model: str = "internlm/internlm2-chat-1_8b"
     bajie_model: str = "JimmyMa99/BaJie-Chat-mini"
     agent_model: str = "internlm/internlm2-chat-7b"
-    vision_model: str = "internlm/internlm-xcomposer2-vl-7b"
+    vision_model: str = "internlm/internlm-xcomposer2-vl-1_8b"  # fits beside the others (README GPU notes)
 
     chat_backend: Literal["transformers", "openai"] = "transformers"
     bajie_backend: Literal["transformers", "openai"] = "transformers"
@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     openai_max_concurrent: int = Field(16, ge=1)  # requests in flight per server: it batches them
 
     model_hub: Literal["huggingface", "modelscope"] = "huggingface"
-    bajie_hub: Literal["", "huggingface", "modelscope"] = ""  # empty: same as MODEL_HUB
+    bajie_hub: Literal["", "huggingface", "modelscope"] = "modelscope"  # Bajie is published there; empty: MODEL_HUB
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # In-process text models decode this many answers together (continuous batching).
@@ -105,9 +105,10 @@ class Settings(BaseSettings):
     agent_tools: str = "python"  # comma list: python, arxiv
     sandbox_cpu_seconds: int = Field(10, ge=1)
     sandbox_wall_seconds: float = Field(20.0, gt=0)
-    sandbox_memory_mb: int = Field(512, ge=32)
+    sandbox_memory_mb: int = Field(512, ge=32)  # per run, all its processes together
     sandbox_max_processes: int = Field(32, ge=1)
     sandbox_max_output_chars: int = Field(4000, ge=100)
+    sandbox_total_memory_mb: int = Field(2048, ge=32)  # all runs at once; runs × SANDBOX_MEMORY_MB ≤ this
     sandbox_unsafe_no_bwrap: bool = False
 
     # --- images -----------------------------------------------------------------------
@@ -128,6 +129,14 @@ class Settings(BaseSettings):
     def _split_ids(cls, value: object) -> object:
         if isinstance(value, str):
             return frozenset(part.strip() for part in value.replace(";", ",").split(",") if part.strip())
+        return value
+
+    @field_validator("sandbox_total_memory_mb")
+    @classmethod
+    def _check_sandbox_total(cls, value: int, info) -> int:
+        per_run = info.data.get("sandbox_memory_mb")
+        if per_run is not None and value < per_run:
+            raise ValueError(f"must be at least SANDBOX_MEMORY_MB ({per_run}): one run must fit")
         return value
 
     @field_validator("device")

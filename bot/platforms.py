@@ -22,6 +22,9 @@ class Platform:
     allowed_users: str | None = None  # Settings fields of its allowlists (empty list = everyone)
     allowed_chats: str | None = None
     allowed_guilds: str | None = None
+    # Whether a thread has an id of its own that the chat allowlist may name (a Discord thread is
+    # a channel); a Telegram forum topic id is not a chat id, so it never matches that list.
+    threads_are_chats: bool = False
 
 
 PLATFORMS: tuple[Platform, ...] = (
@@ -32,7 +35,7 @@ PLATFORMS: tuple[Platform, ...] = (
     Platform(
         "discord", "discord_bot_token", "adapters.discord:DiscordAdapter",
         allowed_users="discord_allowed_users", allowed_chats="discord_allowed_channels",
-        allowed_guilds="discord_allowed_guilds",
+        allowed_guilds="discord_allowed_guilds", threads_are_chats=True,
     ),
 )
 

@@ -85,14 +85,22 @@ def check(settings: Settings) -> int:
     print(f"adapter console: {'not used (a platform token is set)' if platforms else 'used (no platform token)'}")
     problems = 0
     for role, spec in role_specs(settings).items():
+        resolution = None
         if spec.backend == "openai":
             where = f"served by {spec.base_url or '(no base URL!)'} as {spec.model}"
             problems += not spec.base_url
         else:
             try:
-                where = resolve(spec.model, hub=spec.hub, variable=spec.variable, download=False).detail
+                resolution = resolve(spec.model, hub=spec.hub, variable=spec.variable, download=False)
+                where = resolution.detail
             except ModelUnavailable as exc:
-                where, problems = f"ERROR: {exc}", problems + 1
+                resolution, where, problems = None, f"ERROR: {exc}", problems + 1
         print(f"model {role:<6} [{spec.backend}] {spec.model}: {where}")
+        if role == "vision" and spec.backend == "transformers" and resolution is not None:
+            from models.vision import vision_readiness
+
+            ready, line = vision_readiness(resolution.path, spec.model, spec.device)
+            problems += not ready
+            print(f"  vision: {line if ready else 'NOT READY: ' + line}")
     assert set(ROLES) == set(role_specs(settings))
     return 1 if problems else 0

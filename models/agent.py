@@ -14,6 +14,7 @@ sandbox run within a step (the process is killed), and the loop between steps.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import queue
 import threading
@@ -26,11 +27,12 @@ import lagent.agents.internlm2_agent as _internlm2_agent
 from lagent.actions import ActionExecutor
 from lagent.agents.internlm2_agent import META_CN, PLUGIN_CN, Internlm2Agent, Internlm2Protocol
 from lagent.llms import BaseModel
-from lagent.schema import AgentStatusCode, ModelStatusCode
+from lagent.schema import AgentReturn, AgentStatusCode, ModelStatusCode
 
 from .agent_events import AgentEvent, StepDecoder, history_steps, stored_steps  # noqa: F401  (stored_steps: the format, for tests)
 from .agent_tools import ArxivPapers, SandboxedPython
 from .base import Cancel, ChatBackend, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
+from .control_tokens import strip_control_tokens
 from .prompting import trim_history
 from .registry import ScheduledModel, WaitCallback
 from .sandbox import Sandbox
@@ -244,6 +246,22 @@ def build_turn(
     return AgentTurn(python, agent, context, steps + [{"role": "user", "content": question}])
 
 
+def shown_state(state: AgentReturn) -> AgentReturn:
+    """`state` as users may see it: the model's text without InternLM2 control tokens (a sampled
+    `<|action_end|>` in a final answer reached users). A copy: lagent keeps using its own."""
+    shown = copy.copy(state)
+    if isinstance(shown.response, str):
+        shown.response = strip_control_tokens(shown.response)
+    actions = []
+    for action in state.actions or []:
+        if isinstance(getattr(action, "thought", None), str):
+            action = copy.copy(action)
+            action.thought = strip_control_tokens(action.thought)
+        actions.append(action)
+    shown.actions = actions
+    return shown
+
+
 class AgentFailed(ModelError):
     """lagent stopped with an error state or raised (e.g. a malformed tool call)."""
 
@@ -264,7 +282,7 @@ async def run_agent(turn: AgentTurn) -> AsyncIterator[AgentEvent]:
         agent_states = turn.agent.stream_chat(turn.messages)
         try:
             for state in agent_states:  # decoded here, where the tool's run log is up to date
-                update = (int(state.state), decoder.feed(state), decoder.stored())
+                update = (int(state.state), decoder.feed(shown_state(state)), decoder.stored())
                 loop.call_soon_threadsafe(states.put_nowait, update)
                 if ctx.cancel.is_set or consumer_gone.is_set():
                     break

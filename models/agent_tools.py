@@ -54,7 +54,7 @@ class SandboxedPython(BaseAction):
                     errmsg="Python is not available on this bot (no sandbox); answer without running code.",
                 )
         self.runs.append(result)
-        log.info("sandbox run: %s, exit %s, %d bytes, %.2fs", result.reason or "exited",
+        log.info("sandbox run: %s, exit %s, %d bytes, %.2fs", result.outcome,
                  result.exit_code, result.bytes_received, result.seconds)
         return ActionReturn(
             args={"command": command}, type=self.name, result=[{"type": "text", "content": result.for_model()}]

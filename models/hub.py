@@ -6,7 +6,6 @@ Nothing is downloaded at import time; `resolve(download=False)` only looks (for 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +49,7 @@ def _resolve_huggingface(model: str, variable: str, download: bool) -> Resolutio
         return Resolution(path, f"Hugging Face cache ({path})")
     except Exception:
         if not download:
-            return Resolution(None, "not downloaded yet; it will be fetched from Hugging Face on first use")
+            return Resolution(None, "not downloaded yet; it will be fetched from Hugging Face (huggingface.co) on first use")
     try:
         log.info("downloading %s from Hugging Face", model)
         path = snapshot_download(model)
@@ -67,13 +66,16 @@ def _resolve_modelscope(model: str, variable: str, download: bool) -> Resolution
     except ImportError:
         raise ModelUnavailable(
             f"{variable}={model} is set to come from ModelScope, but the modelscope package is not installed: "
-            "pip install '.[modelscope]' (or set MODEL_HUB=huggingface / a local path)."
+            "run `make run` (or pip install -e .), or set a local directory."
         ) from None
-    cache = Path(os.environ.get("MODELSCOPE_CACHE", Path.home() / ".cache" / "modelscope" / "hub")) / model
-    if cache.is_dir() and (cache / "config.json").exists():
-        return Resolution(str(cache), f"ModelScope cache ({cache})")
+    try:
+        path = snapshot_download(model, local_files_only=True)
+        if path and (Path(path) / "config.json").is_file():
+            return Resolution(path, f"ModelScope cache ({path})")
+    except Exception:
+        pass
     if not download:
-        return Resolution(None, "not downloaded yet; it will be fetched from ModelScope on first use")
+        return Resolution(None, "not downloaded yet; it will be fetched from ModelScope (modelscope.cn) on first use")
     try:
         log.info("downloading %s from ModelScope", model)
         path = snapshot_download(model)

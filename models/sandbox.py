@@ -15,6 +15,13 @@ uid 0 outside, which owns most files and is exempt from RLIMIT_NPROC).
 The rlimits are set by a tiny prelude inside the sandbox, before the user's code is compiled:
 set there, RLIMIT_NPROC counts the processes of this sandbox's user namespace only, so two runs
 do not share one budget, and the bot's own threads do not count against it.
+
+Memory: one cap (`memory_mb`) holds for the whole run, all its processes together. Where the
+kernel's memory controller can be used (models/cgroups.py: cgroup v2, or v1's memory and pids
+hierarchies), each run is its own control group with that limit and `max_processes`; going over
+gets a process OOM-killed inside the group (reason "memory"). Elsewhere the fallback keeps
+per-process address space × processes ≤ the cap (fewer processes, each smaller). Runs at once
+are bounded so that runs × cap ≤ `total_memory_mb`; more wait for a slot.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import cgroups as cg
 from .base import Cancel
 
 log = logging.getLogger(__name__)
@@ -42,6 +50,10 @@ READ_CHUNK = 65536
 PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
 ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime")
 MAX_CODE_CHARS = 100_000
+MIN_PROCESS_MB = 128  # without a memory controller: the least address space one process gets
+# Joins the run's control group(s) (argv: the groups' cgroup.procs files, "--", the command),
+# then becomes the command; so bubblewrap and all it starts are inside from the first instant.
+JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 125; shift; done; shift; exec "$@"'
 
 # Runs before the user's code, inside the sandbox: limits first, then the code from stdin.
 PRELUDE = r"""
@@ -74,27 +86,50 @@ except BaseException as exc:  # show the user's frames only, not this prelude's
 class SandboxLimits:
     cpu_seconds: int = 10
     wall_seconds: float = 20.0
-    memory_mb: int = 512
+    memory_mb: int = 512  # for the whole run: all its processes together
     max_processes: int = 32
     max_output_chars: int = 4000
+    total_memory_mb: int = 2048  # all runs at once: at most total // memory_mb run concurrently
 
     @property
     def max_output_bytes(self) -> int:
         return self.max_output_chars * 4  # UTF-8: at most 4 bytes per character
+
+    @property
+    def max_concurrent(self) -> int:
+        return max(1, self.total_memory_mb // self.memory_mb)
+
+    def per_process(self, whole_run: bool) -> tuple[int, int]:
+        """(address-space bytes per process, processes). With a memory controller holding the
+        whole run, a process may use all of it; without, their product stays within the cap."""
+        if whole_run:
+            return self.memory_mb << 20, self.max_processes
+        each_mb = min(self.memory_mb, max(self.memory_mb // self.max_processes, MIN_PROCESS_MB))
+        return each_mb << 20, max(1, min(self.max_processes, self.memory_mb // each_mb))
 
 
 @dataclass
 class RunResult:
     output: str  # stdout and stderr, interleaved, cut to max_output_chars
     exit_code: int | None  # None when killed by us
-    reason: str | None = None  # why it was stopped: "wall", "cpu", "output", "cancelled"; None = exited
+    # why it was stopped: "wall", "cpu", "memory", "output", "cancelled", "refused"; None = it exited
+    reason: str | None = None
     truncated: bool = False
     bytes_received: int = 0  # what was read from the pipe (bounded by the cap)
     seconds: float = 0.0
+    peak_memory_bytes: int | None = None  # the run's peak, all processes (known with a memory controller)
 
     @property
     def ok(self) -> bool:
         return self.reason is None and self.exit_code == 0
+
+    @property
+    def outcome(self) -> str:
+        """One word for metrics and logs: ok, error (exited non-zero), timeout, cpu, memory,
+        output, cancelled or refused (not run: e.g. the code is too long)."""
+        if self.reason is None:
+            return "ok" if self.exit_code == 0 else "error"
+        return "timeout" if self.reason == "wall" else self.reason
 
     def for_model(self) -> str:
         """The text the agent's model sees as the environment's answer."""
@@ -104,10 +139,12 @@ class RunResult:
             "cpu": "[stopped: the CPU time limit was reached]",
             "output": "[stopped: too much output]",
             "cancelled": "[stopped by the user]",
+            "memory": "[stopped: the memory limit of the run (all its processes together) was reached]",
+            "refused": "",
         }
         if self.truncated and self.reason != "output":
             text += "\n[output truncated]"
-        if self.reason:
+        if self.reason and notes[self.reason]:
             text += ("\n" if text else "") + notes[self.reason]
         elif not text:
             text = "[no output; use print() to show results]" if self.exit_code == 0 else f"[exit code {self.exit_code}]"
@@ -144,11 +181,28 @@ class Sandbox:
     bwrap: str | None = field(default_factory=lambda: shutil.which("bwrap"))
     python: str | None = field(default_factory=find_python)
     unsafe_no_bwrap: bool = False  # the admin's explicit opt-in to run code unsandboxed
-    max_concurrent: int = 4
+    max_concurrent: int | None = None  # default: limits.max_concurrent (runs × cap ≤ total)
+    use_cgroups: bool = True  # False: per-process limits only (tests of the fallback)
 
     def __post_init__(self) -> None:
+        self.max_concurrent = self.max_concurrent or self.limits.max_concurrent
         self._slots = asyncio.Semaphore(self.max_concurrent)
         self.problem = self._check()
+        self.cgroups, self.memory_mode = self._memory_controller()
+
+    def _memory_controller(self) -> tuple[cg.Cgroups | None, str]:
+        """The kernel's memory controller for whole-run limits, or None; and a line saying which."""
+        fallback = "per process: {} MB × {} processes".format(
+            *(lambda b, n: (b >> 20, n))(*self.limits.per_process(False)))
+        if self.bwrap is None or not self.use_cgroups or self.problem is not None:
+            return None, fallback
+        found, why = _cgroups()
+        if found is not None and os.geteuid() == 0 and shutil.which("setpriv") is None:
+            found, why = None, "setpriv (util-linux) is missing, so the run could not drop root after joining its group"
+        if found is None:
+            log.warning("sandbox: no memory controller for whole-run limits (%s); %s", why, fallback)
+            return None, fallback
+        return found, f"whole run: {self.limits.memory_mb} MB, {self.limits.max_processes} processes ({why})"
 
     # -- availability ------------------------------------------------------------------
     def _check(self) -> str | None:
@@ -171,11 +225,12 @@ class Sandbox:
         return self.bwrap is not None
 
     # -- the command line ------------------------------------------------------------------
-    def command(self, marker: str = "") -> list[str]:
+    def command(self, marker: str = "", whole_run: bool = False) -> list[str]:
         lim = self.limits
+        memory, processes = lim.per_process(whole_run)
         python_args = [
             self.python, "-I", "-u", "-c", PRELUDE,
-            str(lim.cpu_seconds), str(lim.memory_mb << 20), str(lim.max_processes), str(FILE_MB << 20),
+            str(lim.cpu_seconds), str(memory), str(processes), str(FILE_MB << 20),
         ]
         if marker:
             python_args.append(marker)  # lets tests find leftover processes
@@ -216,15 +271,39 @@ class Sandbox:
         if self.problem is not None:
             raise SandboxUnavailable(self.problem)
         if len(code) > MAX_CODE_CHARS:
-            return RunResult(f"[the code is too long: {len(code)} characters, the limit is {MAX_CODE_CHARS}]", 1)
+            return RunResult(f"[the code is too long: {len(code)} characters, the limit is {MAX_CODE_CHARS}]", 1,
+                             reason="refused")
         async with self._slots:
             if cancel is not None and cancel.is_set:
                 return RunResult("", None, reason="cancelled")
             if self.bwrap is None:
                 return await self._run_unsafe(code, cancel, marker)
-            # bwrap's own environment is visible inside (/proc/1/environ of its init): keep it empty
-            extra = dict(self._drop_privileges(), env={"PATH": "/usr/bin:/bin"}, cwd="/")
-            return await self._run(self.command(marker), code, cancel, extra)
+            group = None
+            if self.cgroups is not None:
+                try:
+                    group = self.cgroups.create(self.limits.memory_mb << 20, self.limits.max_processes)
+                except OSError as exc:  # e.g. the hierarchy went away: this run gets the fallback
+                    log.warning("sandbox: cannot make this run's control group (%s); per-process limits", exc)
+            if group is None:
+                # bwrap's own environment is visible inside (/proc/1/environ of its init): keep it empty
+                extra = dict(self._drop_privileges(), env={"PATH": "/usr/bin:/bin"}, cwd="/")
+                return await self._run(self.command(marker), code, cancel, extra)
+            return await self._run_in_group(group, code, cancel, marker)
+
+    async def _run_in_group(self, group: cg.RunGroup, code: str, cancel: Cancel | None, marker: str) -> RunResult:
+        """The run in its own control group: one memory cap and process cap for all of it."""
+        try:
+            argv = ["/bin/sh", "-c", JOIN_CGROUPS, "sh", *map(str, group.procs_files), "--"]
+            if os.geteuid() == 0:  # join as root, then drop to nobody (see the module docstring)
+                argv += [shutil.which("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+            result = await self._run(argv + self.command(marker, whole_run=True), code, cancel,
+                                     dict(env={"PATH": "/usr/bin:/bin"}, cwd="/"))
+            if group.oom_kills() and result.reason != "cancelled":
+                result.reason = "memory"
+            result.peak_memory_bytes = group.peak_bytes()
+            return result
+        finally:
+            await asyncio.to_thread(group.remove)
 
     def _drop_privileges(self) -> dict:
         if os.geteuid() == 0:  # see the module docstring
@@ -308,7 +387,9 @@ class Sandbox:
                     await asyncio.wait_for(proc.wait(), timeout=5)
                 except Exception:
                     log.error("sandbox process %s did not exit after SIGKILL", proc.pid)
-        if reason is None and exit_code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+        if reason is None and exit_code and _memory_error(received):
+            reason = "memory"  # an allocation over the address-space limit
+        elif reason is None and exit_code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
             reason = "cpu"
         elif reason is None and exit_code in (-signal.SIGKILL, 128 + signal.SIGKILL) and _cpu_exhausted(started, self.limits):
             reason = "cpu"  # the hard limit (soft + 1 s) sends SIGKILL
@@ -336,6 +417,22 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
         pass
     except PermissionError:
         proc.kill()
+
+
+def _memory_error(output: bytes) -> bool:
+    """The code ended on an uncaught MemoryError (the last traceback line names it)."""
+    lines = output.rstrip().splitlines()
+    return bool(lines) and lines[-1].startswith(b"MemoryError")
+
+
+_detected: list[tuple[cg.Cgroups | None, str]] = []
+
+
+def _cgroups() -> tuple[cg.Cgroups | None, str]:
+    """The memory controller, detected once per process."""
+    if not _detected:
+        _detected.append(cg.detect())
+    return _detected[0]
 
 
 def _cpu_exhausted(started: float, limits: SandboxLimits) -> bool:

@@ -1,10 +1,12 @@
 """In-process vision-language backends for the "vision" role.
 
 Two kinds of checkpoint, told apart by their config.json:
-- InternLM-XComposer2 (remote code): its own `chat(tokenizer, query, image, history, ...)`, the
-  picture marked by `<ImageHere>` in the query, float16 on a GPU. Its remote code is tested by its
-  authors on transformers 4.33 and breaks from 4.46 on (CLIP internals changed), so with the
-  pinned transformers it refuses to load and points to the LMDeploy route (docs/deploy.md).
+- InternLM-XComposer2-VL (remote code): the picture marked by `<ImageHere>` in the query, its
+  embeddings spliced into the prompt with an `im_mask` (the remote code's own `encode_img` and
+  `interleav_wrap_chat`, then `generate`), float16 on a CUDA GPU, float32 on a CPU (slow; the
+  load log says how slow). Made to run on the pinned transformers: the vision tower is built
+  offline from the checkpoint's own weights (models/remote_code.py) and its input size is fixed
+  after loading (see `XComposer2Backend.load`).
 - Standard transformers image-text-to-text checkpoints (LLaVA, Qwen2-VL, Idefics, ...):
   `AutoProcessor` + the auto class that maps the model type, prompted with the processor's chat
   template, so any VLM transformers supports natively works here.
@@ -23,31 +25,38 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-import transformers
-from packaging.version import Version
+from contextlib import aclosing
+from typing import AsyncIterator
 
-from .base import Capabilities, ChatMessage, GenerationParams, ModelUnavailable
+import torch
+
+from .base import Cancel, Capabilities, ChatMessage, GenerationParams, ModelError, ModelUnavailable, StreamStats
+from .control_tokens import without_control_tokens
 from .devices import describe_memory, pick_device, pick_dtype
 from .generation import XCOMPOSER2_IMAGE_TOKENS, end_of_turn_ids, sampling_kwargs
+from .remote_code import import_problem, missing_imports, offline_clip_tower, prints_to_log, tower_shape
 from .threaded import Generation, ThreadedBackend
+from .transformers_backend import stream_from_thread
 
 log = logging.getLogger(__name__)
 
 XCOMPOSER2 = "xcomposer2"
 IMAGE_TEXT_TO_TEXT = "image-text-to-text"
-# The transformers versions XComposer2's remote code runs on: tested by its authors on 4.33;
-# reported working up to 4.40; transformers 4.46 changed CLIP's position embeddings under it.
-XCOMPOSER2_TRANSFORMERS = (Version("4.33"), Version("4.46"))
-XCOMPOSER2_IMAGE_SIDE = 490
+XCOMPOSER2_IMAGE_SIDE = 490  # the published checkpoints' input size, until one is loaded
 IMAGE_PLACEHOLDER = "<ImageHere>"
-
-LMDEPLOY_HINT = (
-    "Serve it with LMDeploy instead (0.4 <= lmdeploy <= 0.14 serve XComposer2): "
-    "`pip install 'lmdeploy>=0.4,<0.15' && lmdeploy serve api_server {model} --server-port 23333`, then set "
-    "VISION_BACKEND=openai, VISION_BASE_URL=http://HOST:23333/v1 and VISION_MODEL to the served model name "
-    "(see docs/deploy.md)."
+IM_START, IM_END = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"  # XComposer2's tokenizer's names
+GPU_EXTRA_HINT = (
+    "On a GPU host: pip install -e '.[gpu]' (torchvision built for the CUDA torch; `make gpu`). On a CPU-only "
+    "host, PyPI's torchvision (a CUDA build) breaks every transformers import; use PyTorch's CPU build: "
+    "pip install torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu"
 )
+LMDEPLOY_HINT = (
+    "Or serve it with LMDeploy (0.4 <= lmdeploy <= 0.14 serve XComposer2): "
+    "`lmdeploy serve api_server {model} --server-port 23333`, then set VISION_BACKEND=openai, "
+    "VISION_BASE_URL=http://HOST:23333/v1 and VISION_MODEL to the served model name (see docs/deploy.md)."
+)
+# Assumed CPU throughput for the load log's speed estimate (a few-core server, float32).
+CPU_FLOPS, CPU_BYTES_PER_S = 100e9, 20e9
 
 
 def read_config(path: str) -> dict:
@@ -87,23 +96,21 @@ def load_vision_backend(path: str, *, model: str, variable: str = "VISION_MODEL"
             "set it to InternLM-XComposer2 (through LMDeploy) or a transformers image-text-to-text model."
         )
     if kind == XCOMPOSER2:
-        check_xcomposer2_supported(model, variable)
-        backend = XComposer2Backend(path, device=device, max_context_tokens=max_context_tokens)
+        backend = XComposer2Backend(path, device=device, dtype=dtype, max_context_tokens=max_context_tokens)
     else:
         backend = ImageTextToTextBackend(path, device=device, dtype=dtype, max_context_tokens=max_context_tokens)
     backend.load()
     return backend
 
 
-def check_xcomposer2_supported(model: str, variable: str = "VISION_MODEL", installed: str | None = None) -> None:
-    version = Version(installed or transformers.__version__)
-    low, high = XCOMPOSER2_TRANSFORMERS
-    if not low <= version < high:
-        raise ModelUnavailable(
-            f"{variable}={model} is an InternLM-XComposer2 checkpoint; its remote code runs on transformers "
-            f">={low},<{high} (tested by its authors on 4.33) but transformers {version} is installed "
-            "(pinned for InternLM2). " + LMDEPLOY_HINT.format(model=model)
-        )
+def xcomposer2_problems(path: str) -> list[str]:
+    """What stops the XComposer2 checkpoint at `path` from loading here (empty: nothing)."""
+    problems = [f"its code needs {pkg} ({why}). " + GPU_EXTRA_HINT for pkg, why in missing_imports(path).items()]
+    try:
+        tower_shape(path)
+    except (ValueError, OSError) as exc:
+        problems.append(f"its vision tower cannot be built from its own weights: {exc}")
+    return problems
 
 
 class ImageTextToTextBackend(ThreadedBackend):
@@ -218,44 +225,78 @@ def _processor_side(processor) -> int:
 
 
 class XComposer2Backend(ThreadedBackend):
-    """InternLM-XComposer2 through its remote code's `chat` (CUDA, float16)."""
+    """InternLM-XComposer2-VL through its remote code: `encode_img` + `interleav_wrap_chat` (the
+    published `chat`'s own steps), then `generate` with the shared streaming and cancellation.
+    Not `chat` itself: it moves a text-only prompt to `.cuda()` (no CPU), and the steps apart let
+    a /stop end the turn between the picture's encoding and the prompt pass."""
 
-    image_side = XCOMPOSER2_IMAGE_SIDE
-    image_tokens = XCOMPOSER2_IMAGE_TOKENS
-    capabilities = Capabilities(images=True, image_side=XCOMPOSER2_IMAGE_SIDE, image_tokens=XCOMPOSER2_IMAGE_TOKENS)
-
-    def __init__(self, path: str, *, device: str = "auto", max_context_tokens: int = 4096) -> None:
+    def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto", max_context_tokens: int = 4096) -> None:
         self.path = self.name = path
         self.device = pick_device(device)
+        # float16 on a GPU as published (float32 does not fit in 40 GB for the 7B); float32 on a CPU.
+        self.dtype = pick_dtype(dtype, self.device) if dtype != "auto" or not self.device.startswith("cuda") else torch.float16
         self.context_window = max_context_tokens
         self.tokenizer = self.model = None
+        # the tower's input size and what one picture costs: the published ones until loaded
+        self.image_side, self.image_tokens = XCOMPOSER2_IMAGE_SIDE, XCOMPOSER2_IMAGE_TOKENS
         self.last_worker = None
+        self.tower_requests: list[str] = []  # what the remote code asked CLIPVisionModel.from_pretrained for
 
     def load(self) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        if not self.device.startswith("cuda"):
-            raise ModelUnavailable(
-                f"{self.path}: XComposer2's remote code runs on a CUDA GPU only (float16); this process has "
-                f"device {self.device}. " + LMDEPLOY_HINT.format(model=self.path)
-            )
+        problems = xcomposer2_problems(self.path)
+        if problems:
+            raise ModelUnavailable(f"{self.path} (InternLM-XComposer2) cannot load here: " + " ".join(problems)
+                                   + " " + LMDEPLOY_HINT.format(model=self.path))
         started = time.perf_counter()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=True)
-        model = AutoModel.from_pretrained(self.path, trust_remote_code=True, torch_dtype=torch.float16)
+        with prints_to_log(), offline_clip_tower(self.path) as asked:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=True)
+            model = AutoModel.from_pretrained(self.path, trust_remote_code=True, torch_dtype=self.dtype)
+        self.tower_requests = list(asked)
         self.model = model.to(self.device).eval()
         self.model.tokenizer = self.tokenizer  # some of its methods read it from the model
+        self._fix_tower_input_size()
         self.context_window = min(self.context_window, int(getattr(model.config, "max_length", 4096) or 4096))
-        self.eos_ids = end_of_turn_ids(self.tokenizer, model.generation_config)
-        for token in ("[UNUSED_TOKEN_145]",):  # its end of turn (<|im_end|>)
-            self.eos_ids.append(int(self.tokenizer.convert_tokens_to_ids(token)))
-        log.info("loaded XComposer2 %s in %.1fs, %s", self.path, time.perf_counter() - started,
-                 describe_memory(self.model, self.device))
+        self.eos_ids = sorted({*end_of_turn_ids(self.tokenizer, model.generation_config), self.tokenizer.convert_tokens_to_ids(IM_END)})
+        log.info("loaded XComposer2 %s on %s (%s) in %.1fs: %d-pixel pictures, %d tokens each, %s", self.path,
+                 self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - started, self.image_side,
+                 self.image_tokens, describe_memory(self.model, self.device))
+        if not self.device.startswith("cuda"):
+            log.warning(self.cpu_speed_note())
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(images=True, image_side=self.image_side, image_tokens=self.image_tokens)
+
+    def _fix_tower_input_size(self) -> None:
+        """The remote code resizes the CLIP position embedding (24x24 → 35x35 patches, 490 px) but
+        leaves `embeddings.image_size` at 336, and transformers >= 4.46 checks pictures against it
+        ("Input image size (490*490) doesn't match model (336*336)"). Set it to what the weights take."""
+        embeddings = self.model.vit.vision_tower.vision_model.embeddings
+        grid = round((embeddings.position_embedding.num_embeddings - 1) ** 0.5)
+        side = grid * embeddings.patch_size
+        configured = getattr(self.model.config, "img_size", side)
+        if configured != side:
+            log.warning("%s: config img_size %s, but the vision tower's weights take %d-pixel pictures", self.path, configured, side)
+        embeddings.image_size, embeddings.num_patches, embeddings.num_positions = side, grid * grid, grid * grid + 1
+        self.image_side, self.image_tokens = side, grid * grid
+
+    def cpu_speed_note(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters())
+        first = 2 * params * (self.image_tokens + 100) / CPU_FLOPS
+        per_token = params * torch.finfo(self.dtype).bits / 8 / CPU_BYTES_PER_S
+        size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
+        return (f"XComposer2 runs on the CPU ({size} parameters, {str(self.dtype).removeprefix('torch.')}): "
+                f"expect roughly {first:.3g} s before the first word of an answer about a picture (its "
+                f"{self.image_tokens} image tokens) and {per_token:.3g} s per word after (estimated for "
+                f"{CPU_FLOPS / 1e9:.0f} GFLOP/s and {CPU_BYTES_PER_S / 1e9:.0f} GB/s); a CUDA GPU is 10-100x faster.")
 
     @staticmethod
-    def split(messages: list[ChatMessage]) -> tuple[str | None, list[tuple[str, str]], str, object]:
+    def split(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]], str, object]:
         """(meta instruction, [(query, answer)], query, image) with `<ImageHere>` where the picture goes."""
-        system = next((m.content for m in messages if m.role == "system"), None)
-        turns, query, image, pending = [], "", None, None
+        system = next((m.content for m in messages if m.role == "system"), "")
+        turns, image, pending = [], None, None
         for m in messages:
             if m.role == "system":
                 continue
@@ -269,24 +310,87 @@ class XComposer2Backend(ThreadedBackend):
             elif pending is not None:
                 turns.append((pending, text))
                 pending = None
-        query = pending or ""
-        return system, turns, query, image
+        return system, turns, pending or "", image
 
     def count_tokens(self, messages: list[ChatMessage]) -> int:
-        text = "".join(f"[UNUSED_TOKEN_146]{m.role}\n{m.content}[UNUSED_TOKEN_145]\n" for m in messages)
+        text = "".join(f"{IM_START}{m.role}\n{m.content}{IM_END}\n" for m in messages) + f"{IM_START}assistant\n"
         images = sum(m.image is not None for m in messages)
-        return len(self.tokenizer(text)["input_ids"]) + self.image_tokens * images
+        return len(self.tokenizer(text)["input_ids"]) + (self.image_tokens + 1) * images
 
-    async def _generation(self, messages: list[ChatMessage], params: GenerationParams) -> Generation:
+    def _inputs(self, system: str, history: list, query: str, pixels, cancel: Cancel) -> tuple[dict, object] | None:
+        """The prompt's embeddings and image mask (None when stopped meanwhile); on the worker thread."""
+        model = self.model
+        if pixels is None:
+            inputs = dict(model.build_inputs(self.tokenizer, query, history, system))
+            inputs = {k: inputs[k].to(self.device) for k in ("input_ids", "attention_mask") if k in inputs}
+            return inputs, torch.zeros(inputs["input_ids"].shape[:2], dtype=torch.bool, device=self.device)
+        image = model.encode_img(pixels)  # the vision tower: a real share of the prompt pass
+        if cancel.is_set:
+            return None
+        inputs, im_mask = model.interleav_wrap_chat(self.tokenizer, query, image, history, system)
+        embeds = inputs["inputs_embeds"]  # one sequence, no padding: say so (else generate warns each time)
+        return dict(inputs, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)), im_mask
+
+    async def _generation(self, messages: list[ChatMessage], params: GenerationParams, cancel: Cancel | None = None) -> Generation:
         system, history, query, image = self.split(messages)
+        cancel = cancel or Cancel()
         pixels = None
-        if image is not None:  # its own 490x490 preprocessing, off the event loop
-            pixels = await asyncio.to_thread(lambda: self.model.vis_processor(image).unsqueeze(0).to(self.device, torch.float16))
-        options = sampling_kwargs(params)
-        if system is not None:
-            options["meta_instruction"] = system
+        if image is not None:  # its own preprocessing (resize to the tower's size, CLIP normalisation)
+            pixels = await asyncio.to_thread(lambda: self.model.vis_processor(image).unsqueeze(0).to(self.device, self.dtype))
+        options = dict(eos_token_id=self.eos_ids, pad_token_id=self.eos_ids[0], **sampling_kwargs(params))
 
         def generate(bridge: dict) -> None:
-            self.model.chat(self.tokenizer, query, pixels, history, **bridge, **options)
+            if cancel.is_set:
+                return
+            with prints_to_log():
+                prepared = self._inputs(system, history, query, pixels, cancel)
+                if prepared is not None:
+                    inputs, im_mask = prepared
+                    self.model.generate(**inputs, im_mask=im_mask, **options, **bridge)
 
         return generate, self.count_tokens(messages)
+
+    async def stream(
+        self, messages: list[ChatMessage], *, params: GenerationParams, cancel: Cancel,
+        stats: StreamStats | None = None, skip_special_tokens: bool = True,
+    ) -> AsyncIterator[str]:
+        """ThreadedBackend's stream, with `cancel` also checked between the picture's encoding
+        and the prompt pass, and `[UNUSED_TOKEN_…]` pieces removed from the text."""
+        if self.model is None:
+            raise ModelError(f"model {self.path} is not loaded")
+        generate, prompt_tokens = await self._generation(messages, params, cancel)
+        deltas = stream_from_thread(
+            generate, tokenizer=self.tokenizer, eos_ids=self.eos_ids, params=params, cancel=cancel, stats=stats,
+            prompt_tokens=prompt_tokens, name=self.path, skip_special_tokens=skip_special_tokens,
+            on_worker=self._started,
+        )
+        async with aclosing(deltas), aclosing(without_control_tokens(deltas)) as shown:
+            async for delta in shown:
+                yield delta
+
+
+def vision_readiness(path: str | None, model: str, device: str = "auto") -> tuple[bool, str]:
+    """(ready, one line) for `check`: what the vision role will run and what stops it, without
+    loading anything. `path` is the local checkpoint, or None when it is not downloaded yet."""
+    where = pick_device(device)
+    speed = "on the GPU in float16" if where.startswith("cuda") else "on the CPU in float32 (slow: minutes per answer)"
+    if path is None:
+        if "xcomposer2" not in model.lower():
+            return True, "not downloaded yet; its kind is checked once it is"
+        problem = import_problem("torchvision")
+        if problem:
+            return False, f"InternLM-XComposer2: its code needs torchvision ({problem}). " + GPU_EXTRA_HINT
+        return True, f"InternLM-XComposer2 (once downloaded), {speed}; vision tower from its own weights, no second download"
+    try:
+        kind = detect_kind(read_config(path))
+    except ModelUnavailable as exc:
+        return False, str(exc)
+    if kind is None:
+        return False, "not a vision-language checkpoint (set VISION_MODEL to XComposer2-VL or a transformers VLM)"
+    if kind == IMAGE_TEXT_TO_TEXT:
+        return True, f"ready: a transformers image-text-to-text model, {speed.split(' (')[0]}"
+    problems = xcomposer2_problems(path)
+    if problems:
+        return False, "InternLM-XComposer2 cannot load: " + " ".join(problems)
+    return True, (f"ready: InternLM-XComposer2, {speed}; vision tower built from its own weights "
+                  f"({tower_shape(path).describe()}), no second download")

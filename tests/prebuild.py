@@ -42,7 +42,7 @@ class Builder:
     inputs: tuple[str, ...]  # repo-relative files (globs) whose content decides the build
 
 
-_BASE = ("tests/tiny_models.py", "tests/prebuild.py")
+_BASE = ("tests/tiny_*.py", "tests/prebuild.py")  # every tiny-model source: a change re-checks all
 # Longest build first: with two cores the chat model (the slowest) runs beside all the others.
 BUILDERS: list[Builder] = [
     Builder("chat", "tests.tiny_models:chat_model_path", _BASE),
@@ -50,6 +50,9 @@ BUILDERS: list[Builder] = [
     Builder("agent", "tests.tiny_agent_model:agent_model_path",
             _BASE + ("tests/tiny_agent_model.py", "models/agent.py", "models/agent_tools.py")),
     Builder("vision", "tests.tiny_vlm:vision_model_path", _BASE + ("tests/tiny_vlm.py",)),
+    Builder("xcomposer2", "tests.tiny_xcomposer2:xcomposer2_model_path",
+            _BASE + ("tests/tiny_vlm.py", "tests/tiny_xcomposer2.py", "tests/tiny_xcomposer2_code/*.py")),
+    Builder("markup", "tests.tiny_markup_model:markup_model_path", _BASE + ("tests/tiny_markup_model.py",)),
 ]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -91,13 +93,26 @@ async def test_a_plain_answer_needs_no_tool(make_agent_app):
     assert surface.visible == "pong" and surface.phases[-1] == "done"
 
 
+def sandbox_running() -> bool:
+    """A sandbox (bubblewrap) is running as a child of this process."""
+    me = str(os.getpid())
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == me \
+                    and b"bwrap" in (entry / "cmdline").read_bytes():
+                return True
+        except OSError:
+            pass
+    return False
+
+
 async def test_stop_kills_the_running_code_and_ends_the_turn(make_agent_app):
     app = make_agent_app(sandbox_wall_seconds=120.0)
     surface = RecordingSurface(interval=0.0)
     message = msg(f"/agent {agent_model.SLEEP_QUESTION}")
     answer = asyncio.create_task(app.handle(message, surface))
     await until(lambda: "print('awake')\n```" in surface.visible)
-    await asyncio.sleep(0.3)  # the sandbox is running now
+    await until(sandbox_running)
     assert app.stop(app.session_key(message))
     await answer
     text = surface.visible

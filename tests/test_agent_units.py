@@ -111,6 +111,13 @@ def test_a_long_text_streams_at_once_and_limits_are_explained():
     assert t("agent_stopped_wall", "zh", seconds="5") in out
 
 
+def test_a_run_over_its_memory_cap_is_explained_to_the_user():
+    renderer = Display("zh", Runs(RunResult("", 0, reason="memory")), SandboxLimits(memory_mb=300))
+    action = ActionReturn(args={"command": "x = b'x' * 10**10"}, result=[], thought="")
+    out = render(renderer, AgentReturn(state=8, actions=[action], inner_steps=[]))
+    assert t("agent_stopped_memory", "zh", mb=300) in out and "300 MB" in out
+
+
 def test_missing_sandbox_and_running_out_of_turns_are_shown():
     renderer = Display("en", Runs(SandboxUnavailable("no bwrap")), SandboxLimits())
     action = ActionReturn(args={"command": "print(1)"}, errmsg="no sandbox", thought="")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from adapters.console import ConsoleAdapter, ConsoleSurface
+from bot.i18n import t
 from bot.messages import Incoming
 from bot.personas import BAJIE_SYSTEM_PROMPT, INTERNLM_SYSTEM_PROMPT
 from tests import worker_hooks
@@ -65,7 +66,7 @@ def second_console_msg(app) -> Incoming:
     return ConsoleAdapter(app).incoming("")
 
 
-def run_cli(args: list[str], stdin: str, data_dir: Path, chat_model: Path, bajie_model: Path, **env) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], stdin: str | bytes, data_dir: Path, chat_model: Path, bajie_model: Path, **env) -> subprocess.CompletedProcess:
     environment = {
         k: v for k, v in os.environ.items() if not k.endswith(("_TOKEN", "_MODEL")) and not k.startswith(("TELEGRAM", "DISCORD"))
     }
@@ -74,7 +75,8 @@ def run_cli(args: list[str], stdin: str, data_dir: Path, chat_model: Path, bajie
         DEVICE="cpu", MAX_NEW_TOKENS="40", HF_HUB_OFFLINE="1", **env,
     )
     return subprocess.run(
-        [sys.executable, "-m", "launcher", *args], input=stdin, capture_output=True, text=True, cwd=REPO, env=environment, timeout=240
+        [sys.executable, "-m", "launcher", *args], input=stdin, capture_output=True, text=isinstance(stdin, str), cwd=REPO,
+        env=environment,
     )
 
 
@@ -86,6 +88,16 @@ def test_piped_console_in_fresh_processes_keeps_the_conversation(tmp_path, tiny_
     assert second.returncode == 0, second.stderr
     assert second.stdout.splitlines() == ["俺记得：tiger", "Now talking to InternLM. Ask me anything.", "I don't know."]
     assert "Traceback" not in second.stderr and (tmp_path / "bot.log").exists()
+
+
+def test_invalid_utf8_gets_the_binary_notice_and_the_conversation_goes_on(tmp_path, tiny_chat_model, tiny_bajie_model):
+    """printf 'ping\\n\\xff\\xfe x\\nping\\n' | PYTHONIOENCODING=utf-8 python -m launcher console: it used
+    to print nothing and never exit (the reader thread died on UnicodeDecodeError)."""
+    result = run_cli(["console"], b"ping\n\xff\xfe x\nping\n", tmp_path, tiny_chat_model, tiny_bajie_model,
+                     PYTHONIOENCODING="utf-8", LANG="en_US.UTF-8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == ["pong", t("binary_input", "en"), "pong"]
+    assert b"Traceback" not in result.stderr
 
 
 def test_check_reports_adapters_and_models(tmp_path, tiny_chat_model, tiny_bajie_model):

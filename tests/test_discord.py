@@ -11,6 +11,7 @@ from bot.i18n import t
 from tests import tiny_models
 from tests.discord_harness import REGENERATE, STOP, answer_text, is_done, key_of, running, stack, until_done
 from tests.fake_discord import MAX_CONTENT, FakeDiscord
+from tests.slow import slow_down
 
 
 
@@ -109,6 +110,7 @@ async def test_ten_interactions_at_once_are_all_deferred_in_time_and_answered(ma
 
 async def test_stop_button_is_for_the_asker_only_and_stops_the_answer(make_app):
     async with stack(make_app, max_new_tokens=3000) as (fake, app, adapter):
+        await slow_down(app)  # still writing when the buttons are pressed, however fast the machine
         interaction = await fake.slash("chat", fake.alice, prompt="code")
         original = await fake.wait_for(lambda: interaction.original if interaction.original and interaction.original.custom_ids else None)
         stop_id = f"{STOP}{fake.alice.id}"

@@ -14,6 +14,7 @@ from bot.logs import setup_logging
 from tests import tiny_models
 from tests.discord_harness import answer_text, is_done, key_of, running, stack, until_done
 from tests.fake_discord import API, FakeDiscord
+from tests.slow import slow_down
 from tests.surfaces import PictureRecorder, tiny_picture
 
 
@@ -137,6 +138,7 @@ async def test_shutdown_stops_answers_in_flight_and_closes_cleanly(make_app):
     fake = FakeDiscord()
     async with fake:
         app = make_app(discord_bot_token=fake.token, max_new_tokens=3000, shutdown_grace=0.0)
+        await slow_down(app)  # still writing at shutdown, however fast the machine
         async with running(app, fake):
             interaction = await fake.slash("chat", fake.alice, prompt="code")
             await fake.wait_for(lambda: interaction.original is not None and interaction.original.custom_ids)

@@ -20,6 +20,7 @@ from tests import tiny_models, tiny_vlm
 from tests.openai_server import OpenAICompatibleServer, load_backend
 from tests.surfaces import RecordingSurface
 from tests.test_images import encode
+from tests.waiting import until
 
 
 GREEDY = GenerationParams(max_new_tokens=64, temperature=0.0)
@@ -143,7 +144,7 @@ async def test_cancel_while_the_server_is_still_silent(served):
         server.stall_next(30)
         cancel = Cancel()
         task = asyncio.create_task(collect(backend(server), user("ping"), cancel=cancel))
-        await asyncio.sleep(0.3)
+        await until(lambda: server.requests)  # the server has the request and says nothing
         cancel.set()
         assert await task == []
 

@@ -16,6 +16,7 @@ from adapters.telegram.surface import FINAL_BUDGET, STREAM_BUDGET, Pacer, retry_
 from tests.fake_telegram import FakeTelegram
 from tests.surfaces import FakeClock
 from tests.telegram_harness import TOKEN
+from tests.waiting import until
 
 # PTB itself reads its deprecated RetryAfter.retry_after when it builds the exception
 pytestmark = pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
@@ -90,7 +91,7 @@ async def test_fake_get_updates_honours_its_timeout_and_offset():
             assert await bot.get_updates(timeout=1) == ()
             assert time.monotonic() - started >= 0.9  # it waited for an update that never came
             waiting = asyncio.create_task(bot.get_updates(timeout=20))
-            await asyncio.sleep(0.2)
+            await until(lambda: len(fake.calls_of("getUpdates")) == 2)  # the long poll is waiting
             fake.send_text(chat, 42, "hello")
             (update,) = await waiting  # answered when the update came
             assert update.message.text == "hello"

@@ -27,6 +27,7 @@ from bot.logs import redact
 from . import texts  # noqa: F401  (registers the adapter's texts)
 from .handlers import BotIdentity, incoming_from_callback, incoming_from_message
 from .surface import REGENERATE, STOP, Pacer, TelegramSurface
+from .webhook import WebhookServer
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class TelegramAdapter:
         self.application: Application | None = None
         self.ready = asyncio.Event()  # set once updates are being received (for tests and logs)
         self._tasks: set[asyncio.Task] = set()  # keeps the handling tasks referenced
+        self.webhook: WebhookServer | None = None
 
     # -- building --------------------------------------------------------------------
     def build(self) -> Application:
@@ -133,20 +135,21 @@ class TelegramAdapter:
             )
             return "long polling"
         secret = self.settings.telegram_webhook_secret.get_secret_value() or secrets.token_urlsafe(32)
-        await application.updater.start_webhook(
-            listen=self.settings.telegram_webhook_listen,
-            port=self.settings.telegram_webhook_port,
-            url_path=urlparse(url).path.strip("/"),
-            webhook_url=url,
-            secret_token=secret,
-            allowed_updates=UPDATES,
+        # Our own endpoint, not the updater's: it checks the secret before reading a body.
+        self.webhook = WebhookServer(
+            application, listen=self.settings.telegram_webhook_listen, port=self.settings.telegram_webhook_port,
+            path=urlparse(url).path, secret=secret,
         )
+        await self.webhook.start()
+        await application.bot.set_webhook(url=url, secret_token=secret, allowed_updates=UPDATES)
         return f"webhook on {self.settings.telegram_webhook_listen}:{self.settings.telegram_webhook_port}"
 
     async def _shutdown(self, application: Application) -> None:
         try:
             if application.updater and application.updater.running:
                 await application.updater.stop()
+            if self.webhook is not None:
+                await self.webhook.stop()
             if application.running:
                 await application.stop()  # hands out the updates already fetched
             await self.app.drain(self.name)
