@@ -225,7 +225,7 @@ class _QueueChannel:
                 return items
 
     def send(self, message: tuple) -> None:
-        self.host.post(self.host.on_message, message)
+        self.host.deliver(message)
 
 
 class ThreadHost:
@@ -236,6 +236,8 @@ class ThreadHost:
         self.queue: queue.Queue = queue.Queue()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+        self.outbox: list[tuple] = []
         self.model = None
         self.closed = False
 
@@ -264,6 +266,21 @@ class ThreadHost:
             self.closed = True
             self.post(self.on_exit, reason)
 
+    def deliver(self, message: tuple) -> None:
+        """Queue a message for the loop with at most one pending wake-up: a fast engine does not
+        flood the loop with one callback per step; the loop takes what piled up at once."""
+        with self.lock:
+            self.outbox.append(message)
+            wake = len(self.outbox) == 1
+        if wake:
+            self.post(self._drain, None)
+
+    def _drain(self, _) -> None:
+        with self.lock:
+            messages, self.outbox = self.outbox, []
+        for message in messages:
+            self.on_message(message)
+
     def post(self, fn, message) -> None:
         loop = self.loop
         if loop is not None and not loop.is_closed():
@@ -277,7 +294,10 @@ class ThreadHost:
         return not self.closed and self.thread is not None and self.thread.is_alive()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        if self.loop is not loop:
+            self.loop = loop
+            if self.outbox:  # left by a loop that closed before it took them
+                self.post(self._drain, None)
 
     def send(self, message: tuple) -> None:
         self.queue.put(message)
