@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run console check test bench system-deps install gpu clean
+.PHONY: run console check test bench system-deps test-deps screenshot install gpu clean
 
 run: install system-deps
 	$(PY) -m launcher
@@ -18,7 +18,7 @@ check: install
 
 # The tiny test models are built first (tests/prebuild.py, its own progress lines), outside any
 # test's timeout; the tests then find them in the cache.
-test: install system-deps
+test: install system-deps test-deps
 	$(PY) -m tests.prebuild
 	$(PY) -m pytest
 
@@ -37,6 +37,18 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
 	  else echo "note: install bubblewrap (sudo apt-get install bubblewrap) so /agent can run code"; fi; }
+
+# Debian's chromium loads the status page in a test (headless); a CJK font lets it draw the
+# page's Chinese. Installed with apt when running as root, like bubblewrap.
+test-deps:
+	@command -v chromium >/dev/null && fc-list 2>/dev/null | grep -qi wenquanyi || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null; \
+	  else echo "note: install chromium (sudo apt-get install chromium fonts-wqy-microhei) for the status page test"; fi; }
+
+# The README's screenshot of the status page, taken by the status page test's browser.
+screenshot: install test-deps
+	STATUS_SCREENSHOT=docs/status-page.png $(PY) -m pytest -q tests/test_status.py -k chromium
 
 # GPU hosts: torchvision (XComposer2's code imports it), the CUDA build matched to torch 2.13.0.
 # Refused on a CPU-only torch, next to which PyPI's torchvision breaks every transformers import.

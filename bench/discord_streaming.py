@@ -1,82 +1,35 @@
-"""Bench: N concurrent slash commands through the real Discord adapter against the fake Discord.
+"""Discord streaming under load: N users run /chat at once in one channel; every model role is
+on the `openai` backend, served by a model server in another process that streams a 500-token
+answer at one token per 20 ms (bench/paced_server.py); every other setting is the default.
+The fake Discord enforces 5 writes per 5 s per channel, 5 per 2 s per interaction token and
+50 requests in any second over all REST requests, and takes a random 3-60 ms per request.
 
-The model is a stand-in that really takes 20 ms per token on a worker thread (like the
-transformers backend), served `--slots` at a time, so with N > slots the model is busy and the
-rest queue. Measured per N:
-- time to defer: INTERACTION_CREATE sent → deferral received by the fake (goal p99 ≤ 500 ms);
-- edits per reply: writes to each response after the "thinking…" placeholder;
-- token-to-visible delay: a token leaves the model → the fake holds a message showing it
-  (goal median ≤ 1.2 s);
-- 429s answered by the fake (goal 0) and any other errors.
+Reports per N: time to defer (goal p99 ≤ 500 ms), writes per reply after the defer, 429s,
+message → first answer text (the interaction reaching the bot → the first write showing answer
+text; compare the model's own first token), token → visible delay, complete replies.
+Goals: 0 × 429; first text at N=1 ≤ the model's first token + 0.3 s, at N=50 p50 ≤ 2 s; token →
+visible p50 ≤ 0.6 s; every reply complete.
 
-Run: .venv/bin/python bench/discord_streaming.py [--n 1 10 50] [--tokens 100] [--slots 8] [--spin]
-(--spin spends each token's 20 ms computing in Python on the worker thread, holding the GIL the
-way an in-process model does, instead of sleeping.)
+    .venv/bin/python bench/discord_streaming.py [--n 1 10 50] [--tokens 500] [--every 0.02]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import statistics
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bot.app import App, role_specs  # noqa: E402
+from bench.paced_server import PacedServer, openai_settings  # noqa: E402
+from bot.app import App  # noqa: E402
 from bot.config import Settings  # noqa: E402
-from models.base import Cancel, Capabilities, ChatMessage, GenerationParams, StreamStats  # noqa: E402
-from models.registry import ModelHub  # noqa: E402
-from tests.discord_harness import is_done, running  # noqa: E402
+from tests.discord_harness import answer_text, is_done, running  # noqa: E402
 from tests.fake_discord import FakeDiscord  # noqa: E402
-
-TOKEN_SECONDS = 0.020
-
-
-class SleepyBackend:
-    """Answers "<q>-t0 <q>-t1 …" for the question <q>, one token per 20 ms, on a thread.
-    Records when each token was emitted, keyed by the question."""
-
-    name = "sleepy"
-    context_window = 8192
-    capabilities = Capabilities()
-
-    def __init__(self, tokens: int, spin: bool = False) -> None:
-        self.tokens = tokens
-        self.spin = spin  # burn the 20 ms in Python (holding the GIL, like a busy in-process model)
-        self.emitted: dict[str, list[float]] = {}
-
-    def count_tokens(self, messages: list[ChatMessage]) -> int:
-        return sum(len(m.content.split()) for m in messages)
-
-    async def stream(self, messages: list[ChatMessage], *, params: GenerationParams, cancel: Cancel,
-                     stats: StreamStats | None = None):
-        question = messages[-1].content
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
-        times = self.emitted.setdefault(question, [])
-
-        def generate() -> None:
-            for i in range(self.tokens):
-                if cancel.is_set:
-                    break
-                if self.spin:
-                    until = time.monotonic() + TOKEN_SECONDS
-                    while time.monotonic() < until:
-                        pass
-                else:
-                    time.sleep(TOKEN_SECONDS)
-                times.append(time.monotonic())
-                loop.call_soon_threadsafe(queue.put_nowait, f"{question}-t{i} ")
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        threading.Thread(target=generate, daemon=True).start()
-        while (token := await queue.get()) is not None:
-            yield token
 
 
 def pct(values: list[float], q: float) -> float:
@@ -84,58 +37,70 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-async def bench_once(n: int, tokens: int, slots: int, spin: bool = False) -> dict[str, float]:
-    backend = SleepyBackend(tokens, spin)
+async def bench_once(n: int, server: PacedServer, jitter: tuple[float, float]) -> dict[str, float]:
+    tokens = server.tokens
     with tempfile.TemporaryDirectory() as tmp:
-        fake = FakeDiscord()
-        settings = Settings(
-            _env_file=None, data_dir=Path(tmp), discord_bot_token=fake.token, max_concurrent_generations=slots,
-            rate_limit_messages=1000, rate_limit_per_minute=1000,
-        )
-        app = App(settings, hub=ModelHub(role_specs(settings), factory=lambda spec: backend))
+        fake = FakeDiscord(jitter=jitter)
+        settings = Settings(_env_file=None, data_dir=Path(tmp), discord_bot_token=fake.token, **openai_settings(server))
+        app = App(settings)
         async with fake, running(app, fake):
             users = [fake.add_user(f"user{i}") for i in range(n)]
-            started = time.monotonic()
-            interactions = await asyncio.gather(*(fake.slash("chat", u, prompt=f"q{i}") for i, u in enumerate(users)))
+            interactions = await asyncio.gather(
+                *(fake.slash("chat", u, prompt=f"q{n}-{i}") for i, u in enumerate(users))
+            )
             await fake.wait_for(lambda: all(i.messages and is_done(i.messages[-1]) for i in interactions), "all answers")
-            elapsed = time.monotonic() - started
         app.store.close()
-    defers = [i.acked_at - i.dispatched_at for i in interactions]
-    edits = [len(i.original.writes) - 1 for i in interactions]
-    delays: list[float] = []
+    times = server.times()
+    expected = " ".join(f"t{i:03d}" for i in range(tokens))
+    defers, writes, first_text, first_token, delays, complete = [], [], [], [], [], 0
     for i, interaction in enumerate(interactions):
-        writes = interaction.original.writes
-        for k, emitted_at in enumerate(backend.emitted[f"q{i}"]):
-            marker = f"q{i}-t{k} "
-            shown = next((w.at for w in writes if marker in w.content), None)
-            if shown is not None:
-                delays.append(shown - emitted_at)
+        record = times[f"q{n}-{i}"]
+        generated = record["tokens"]
+        first_token.append(generated[0] - record["requested"])
+        defers.append(interaction.acked_at - interaction.dispatched_at)
+        all_writes = sorted((w for m in interaction.messages for w in m.writes), key=lambda w: w.at)
+        writes.append(len(all_writes) - 1)  # after the "thinking…" placeholder
+        first_text.append(next(w.at for w in all_writes if "t000" in w.content) - interaction.dispatched_at)
+        shown: dict[str, float] = {}
+        for w in all_writes:
+            for word in w.content.split():
+                shown.setdefault(word, w.at)
+        delays += [shown[f"t{k:03d}"] - at for k, at in enumerate(generated) if f"t{k:03d}" in shown]
+        text = " ".join(answer_text(interaction.messages).split())
+        complete += text == expected and len(generated) == tokens
     return {
         "n": n, "defer_p50_ms": 1000 * statistics.median(defers), "defer_p99_ms": 1000 * pct(defers, 0.99),
-        "defer_max_ms": 1000 * max(defers), "edits_per_reply": statistics.mean(edits),
-        "visible_p50_s": statistics.median(delays), "visible_p90_s": pct(delays, 0.9),
-        "http_429": fake.rate_limited, "errors": len(fake.errors), "wall_s": elapsed,
+        "writes_per_reply": statistics.mean(writes), "http_429": fake.rate_limited,
+        "first_text_p50": statistics.median(first_text), "first_text_max": max(first_text),
+        "model_first_token_p50": statistics.median(first_token),
+        "visible_p50": statistics.median(delays), "visible_p90": pct(delays, 0.9),
+        "errors": len(fake.errors), "complete": f"{complete}/{n}",
     }
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[1, 10, 50])
-    parser.add_argument("--tokens", type=int, default=100, help="tokens per answer (20 ms each)")
-    parser.add_argument("--slots", type=int, default=8, help="generations the model runs at once")
-    parser.add_argument("--spin", action="store_true", help="spend each token's 20 ms in Python, holding the GIL")
+    parser.add_argument("--tokens", type=int, default=500)
+    parser.add_argument("--every", type=float, default=0.02, help="seconds per token")
+    parser.add_argument("--jitter", type=float, nargs=2, default=(0.003, 0.060), metavar=("MIN", "MAX"),
+                        help="seconds each REST request takes, at random")
     args = parser.parse_args()
-    how = "busy-looping (GIL held)" if args.spin else "sleeping"
-    print(f"answer: {args.tokens} tokens x {TOKEN_SECONDS * 1000:.0f} ms {how}, model slots: {args.slots}")
-    header = f"{'N':>4} {'defer p50':>10} {'defer p99':>10} {'defer max':>10} {'edits/reply':>12} {'visible p50':>12} {'visible p90':>12} {'429s':>5} {'errors':>6} {'wall':>7}"
-    print(header)
-    for n in args.n:
-        r = await bench_once(n, args.tokens, args.slots, args.spin)
-        print(
-            f"{r['n']:>4} {r['defer_p50_ms']:>8.1f}ms {r['defer_p99_ms']:>8.1f}ms {r['defer_max_ms']:>8.1f}ms "
-            f"{r['edits_per_reply']:>12.1f} {r['visible_p50_s']:>11.2f}s {r['visible_p90_s']:>11.2f}s "
-            f"{r['http_429']:>5} {r['errors']:>6} {r['wall_s']:>6.1f}s"
-        )
+    logging.basicConfig(level=logging.ERROR)
+    print(f"answer: {args.tokens} tokens x {args.every * 1000:.0f} ms; REST jitter {args.jitter[0] * 1000:.0f}-"
+          f"{args.jitter[1] * 1000:.0f} ms; limits 5/5 s per channel, 5/2 s per token, 50/s overall")
+    print(f"{'N':>4} {'defer p50':>10} {'defer p99':>10} {'writes/reply':>12} {'429s':>5} {'1st text p50':>12} "
+          f"{'1st text max':>12} {'model 1st tok':>13} {'visible p50':>11} {'visible p90':>11} {'errors':>6} {'complete':>8}")
+    with PacedServer(tokens=args.tokens, every=args.every) as server:
+        for n in args.n:
+            r = await bench_once(n, server, tuple(args.jitter))
+            print(
+                f"{r['n']:>4} {r['defer_p50_ms']:>8.1f}ms {r['defer_p99_ms']:>8.1f}ms {r['writes_per_reply']:>12.1f} "
+                f"{r['http_429']:>5} {r['first_text_p50']:>11.2f}s {r['first_text_max']:>11.2f}s "
+                f"{r['model_first_token_p50']:>12.3f}s {r['visible_p50']:>10.2f}s {r['visible_p90']:>10.2f}s "
+                f"{r['errors']:>6} {r['complete']:>8}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,14 @@ on this CPU) it measures, alternating runs to share any drift:
 It prints tokens/s of each, their ratio (goal ≥ 0.97) and the bot's added first-token latency
 (goal ≤ 20 ms).
 
-    .venv/bin/python bench/streaming.py [--tokens 200] [--repeats 3]
+With --metrics it also runs the bot path with metrics on (the status server up, every figure
+recorded, and another process fetching /metrics and the status page's /api/status every 5 s,
+as an open status page does (Prometheus' default is every 15 s); --scrape-every changes it) against metrics off (METRICS_PORT empty), on the
+same loaded model, alternating, and prints their ratio of tokens per second and of tokens per
+CPU-second of the bot process (goal ≥ 0.99; the CPU ratio is the one that holds still on a
+shared machine), and the metrics' own cost measured directly.
+
+    .venv/bin/python bench/streaming.py [--tokens 200] [--repeats 3] [--metrics]
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import baselines  # noqa: E402  (bench/baselines.py)
 from adapters.console import ConsoleAdapter  # noqa: E402
 from bot.app import App  # noqa: E402
 from bot.config import Settings  # noqa: E402
+from bot.status_server import StatusServer  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 
@@ -93,15 +101,85 @@ def raw_run(loop, backend, prompt_ids: list[int], tokens: int) -> tuple[float, f
     return len(ids) / elapsed, first
 
 
-async def bot_run(app: App, text: str) -> tuple[float, float, int]:
-    """(tokens/s, first-text latency, tokens) through App + console adapter, output discarded."""
+async def bot_run(app: App, text: str) -> tuple[float, float, int, float]:
+    """(tokens/s, first-text latency, tokens, tokens per CPU-second of this process) through
+    App + console adapter, output discarded. CPU time counts every thread of the process and
+    nothing else, so it moves far less than wall time when other jobs share the machine."""
     out = _FirstWrite()
     adapter = ConsoleAdapter(app, stdin=io.StringIO(text + "\n"), out=out, err=io.StringIO())
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await adapter.run()
-    elapsed = time.perf_counter() - started
-    stats = app.hub.get("chat").last_stats
-    return stats.completion_tokens / elapsed, out.first - started, stats.completion_tokens
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    tokens = app.hub.get("chat").last_stats.completion_tokens
+    return tokens / elapsed, out.first - started, tokens, tokens / cpu
+
+
+# Scrapes like Prometheus and an open status page would, from its own process (its CPU is not
+# the bot's), whenever the server is up; prints one line per round that got through.
+SCRAPER = """
+import sys, time, urllib.request
+base, every = sys.argv[1], float(sys.argv[2])
+while True:
+    try:
+        for path in ("/metrics", "/api/status"):
+            urllib.request.urlopen(base + path, timeout=60).read()
+        print("scraped", flush=True)
+    except OSError:
+        pass  # the server is down between runs
+    time.sleep(every)
+"""
+
+
+class Scraped:
+    """The status server of a metrics-on App, up only during its runs, and a scraper process
+    started once (starting a process per run would cost this big process a fork each time)."""
+
+    def __init__(self, app: App, every: float = 1.0) -> None:
+        import socket
+        import subprocess
+
+        self.app = app
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.scraper = subprocess.Popen(
+            [sys.executable, "-c", SCRAPER, f"http://127.0.0.1:{self.port}", str(every)], stdout=subprocess.PIPE, text=True,
+        )
+
+    async def run(self, text: str) -> tuple[float, float, int, float]:
+        server = await StatusServer(self.app, "127.0.0.1", self.port).start()
+        try:
+            return await bot_run(self.app, text)
+        finally:
+            await server.stop()
+
+    def close(self) -> int:
+        """Stop the scraper; returns how many rounds it completed."""
+        self.scraper.kill()
+        out, _ = self.scraper.communicate()
+        return out.count("scraped")
+
+
+def metrics_costs(app: App, calls_per_answer: int = 12, rounds: int = 2000) -> tuple[float, float]:
+    """(µs of recording per answer, ms per scrape of /metrics + /api/status): the CPU the
+    metrics add, measured directly (steadier than a tokens/s ratio on a busy machine)."""
+    from bot.status_data import status_snapshot
+
+    metrics = app.metrics
+    started = time.perf_counter()
+    for i in range(rounds):  # what one answer records: its outcome, its timings, its API calls
+        metrics.request("console", "internlm", "answered", f"console:{i % 50}")
+        metrics.answer("console", "internlm", f"console:{i % 50}", first_text=0.2, total=3.0, edits=10, tokens=200, agent=False)
+        for _ in range(calls_per_answer):
+            metrics.api_call("console", "editMessageText", "ok")
+    record_us = (time.perf_counter() - started) / rounds * 1e6
+    loop = asyncio.new_event_loop()
+    started = time.perf_counter()
+    for _ in range(50):
+        metrics.exposition()
+        loop.run_until_complete(status_snapshot(app, started=0.0))
+    loop.close()
+    return record_us, (time.perf_counter() - started) / 50 * 1000
 
 
 class _FirstWrite(io.TextIOBase):
@@ -113,24 +191,40 @@ class _FirstWrite(io.TextIOBase):
         return len(text)
 
 
-def bench_model(label: str, path: Path, tokens: int, repeats: int, data_dir: Path, device: str = "cpu", dtype: str = "auto",
-                host: str = "process") -> dict:
+def bench_model(
+    label: str, path: Path, tokens: int, repeats: int, data_dir: Path, device: str = "cpu", dtype: str = "auto",
+    metrics: bool = False, scrape_every: float = 5.0, host: str = "process",
+) -> dict:
     settings = Settings(
         _env_file=None, chat_model=str(path), data_dir=data_dir, device=device, dtype=dtype, temperature=0.0,
-        max_new_tokens=tokens, max_context_tokens=4096, rate_limit_messages=1000, generation_host=host,
+        max_new_tokens=tokens, max_context_tokens=4096, rate_limit_messages=1000, metrics_port=None,
+        generation_host=host,
     )
-    app = App(settings)
+    app = App(settings)  # metrics off (METRICS_PORT empty)
+    watched = App(settings.model_copy(update={"metrics_port": 0, "data_dir": data_dir / "on"}), hub=app.hub) if metrics else None
+    scraped = Scraped(watched, scrape_every) if watched is not None else None
     loop = asyncio.new_event_loop()
     loop.run_until_complete(bot_run(app, "/reset"))
     loop.run_until_complete(bot_run(app, "ping"))  # load + warm up
+    if watched is not None:  # the first readiness probe imports the hub clients: once per process
+        from bot.status_data import status_snapshot
+
+        loop.run_until_complete(status_snapshot(watched, started=0.0))
     backend = app.hub.get("chat").backend
-    raw_tps, raw_first, bot_tps, bot_first = [], [], [], []
+    raw_tps, raw_first, bot_tps, bot_first, on_tps, off_tps, on_cpu, off_cpu = [], [], [], [], [], [], [], []
     question = "code"
-    for warm_up in (True,) + (False,) * repeats:  # one unmeasured round: both paths see these shapes once
+    for repeat in range(-1, repeats):  # round -1, unmeasured: both paths see these shapes once
+        if watched is not None and repeat >= 0:  # metrics on and off on the same loaded model, in turns
+            for on in (True, False) if repeat % 2 == 0 else (False, True):
+                loop.run_until_complete(bot_run(watched if on else app, "/reset"))
+                runs = scraped.run(question) if on else bot_run(app, question)
+                tps, _, _, per_cpu = loop.run_until_complete(runs)
+                (on_tps if on else off_tps).append(tps)
+                (on_cpu if on else off_cpu).append(per_cpu)
         loop.run_until_complete(bot_run(app, "/reset"))
-        tps, first, produced = loop.run_until_complete(bot_run(app, question))
+        tps, first, produced, _ = loop.run_until_complete(bot_run(app, question))
         tps_raw, first_raw = raw_run(loop, backend, backend.encode(app.hub.get("chat").last_prompt), produced)
-        if not warm_up:
+        if repeat >= 0:
             bot_tps.append(tps)
             bot_first.append(first)
             raw_tps.append(tps_raw)
@@ -138,6 +232,10 @@ def bench_model(label: str, path: Path, tokens: int, repeats: int, data_dir: Pat
     app.hub.close()
     loop.close()
     app.store.close()
+    if watched is not None:
+        watched.store.close()
+        scrapes = scraped.close()
+        assert scrapes >= 1, "the status server was never scraped"
     raw, bot = statistics.median(raw_tps), statistics.median(bot_tps)
     result = {
         "model": label,
@@ -149,6 +247,17 @@ def bench_model(label: str, path: Path, tokens: int, repeats: int, data_dir: Pat
         "ratio": statistics.median(b / r for r, b in zip(raw_tps, bot_tps)),  # adjacent runs share the load
         "added first-token ms": 1000 * (statistics.median(bot_first) - statistics.median(raw_first)),
     }
+    if watched is not None:
+        result["metrics on tok/s"] = statistics.median(on_tps)
+        result["metrics off tok/s"] = statistics.median(off_tps)
+        result["metrics on/off"] = result["metrics on tok/s"] / result["metrics off tok/s"]
+        result["metrics on/off per CPU-s"] = statistics.median(on_cpu) / statistics.median(off_cpu)
+        record_us, scrape_ms = metrics_costs(watched)
+        answer_s = tokens / result["metrics off tok/s"]
+        result["recording µs/answer"] = record_us
+        result["scrape ms"] = scrape_ms
+        # share of one answer's time: its own recording plus the scrapes while it runs
+        result["metrics cost %"] = 100 * (record_us / 1e6 + answer_s / scrape_every * scrape_ms / 1000) / answer_s
     return result
 
 
@@ -163,6 +272,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     parser.add_argument("--skip-tiny", action="store_true", help="only the random model (no tiny-model training)")
     parser.add_argument("--host", default="process", choices=["process", "thread"], help="where the bot's model generates")
+    parser.add_argument("--metrics", action="store_true", help="also compare metrics on (and scraped) with metrics off")
+    parser.add_argument("--scrape-every", type=float, default=5.0, help="seconds between scrapes with --metrics (the page polls every 5 s)")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -172,12 +283,13 @@ def main() -> None:
             tokenizer_dir = bench_tokenizer(Path(tmp) / "tokenizer")
         else:
             tokenizer_dir = tiny_models.chat_model_path()
-            rows.append(bench_model("tiny test model", tokenizer_dir, args.tokens, args.repeats, Path(tmp) / "d1", args.device, args.dtype,
+            rows.append(bench_model("tiny test model", tokenizer_dir, args.tokens, args.repeats, Path(tmp) / "d1", args.device, args.dtype, args.metrics, args.scrape_every,
                                     args.host))
         shape = INTERNLM2_1_8B if args.internlm2 else dict(hidden=args.hidden, layers=args.layers)
         big, params = random_model(tokenizer_dir, Path(tmp) / "random", **shape)
         label = f"random Llama {params / 1e6:.0f}M" + (" (InternLM2-1.8B shape)" if args.internlm2 else "")
-        rows.append(bench_model(label, big, args.tokens, args.repeats, Path(tmp) / "d2", args.device, args.dtype, args.host))
+        rows.append(bench_model(label, big, args.tokens, args.repeats, Path(tmp) / "d2", args.device, args.dtype, args.metrics, args.scrape_every,
+                                    args.host))
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, dtype {args.dtype}, {args.tokens} tokens, median of {args.repeats}")
     header = list(rows[0])

@@ -248,6 +248,8 @@ class AgentResponder:
         if unknown:
             log.warning("AGENT_TOOLS: unknown tools ignored: %s", ", ".join(unknown))
         self.sandbox = make_sandbox(self.settings)
+        if self.sandbox is not None:
+            self.sandbox.on_run = app.metrics.sandbox_run  # outcome and duration of each code run
 
     def respond(self, turn: Turn) -> AsyncIterator[str]:
         return self._respond(turn)

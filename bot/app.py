@@ -21,15 +21,19 @@ from models.registry import ModelHub, RoleSpec
 from .access import AccessPolicy
 from .config import ROLES, Settings
 from .features import DEFAULT_PERSONA, FEATURES, RATE_BUCKETS, Catalogue, Feature
+from .health import Health
 from .i18n import register, t
 from .images import DEFAULT_SIDE, ImageMemory, ImageProblem, Picture, prepare_image, since_picture
 from .limits import TokenBucket, clean_text
+from .log_context import bind
 from .messages import Incoming, ReplyContext, ReplySurface
+from .metrics import Metrics, NoMetrics
 from .personas import Persona, build_personas
 from .responders import ChatResponder, Responder, Turn
 from .store import VISIBLE, HistoryStore
 from .stopping import UntilStopped
 from .streaming import ReplyStream
+from .timed_surface import TimedSurface
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,9 @@ class App:
         self.store = store or HistoryStore(settings.db_path)
         if self.store.recovered:
             log.warning("marked %d answers cut by a previous crash as interrupted", self.store.recovered)
+        # Prometheus metrics and the status page's figures; not kept when there is no server
+        self.metrics = Metrics(self.hub) if settings.metrics_port is not None else NoMetrics()
+        self.health = Health()  # adapters report their connection state here
         self.access = AccessPolicy(settings)
         self.buckets = {
             name: TokenBucket(getattr(settings, size), getattr(settings, refill), clock)
@@ -120,6 +127,11 @@ class App:
         self.sessions: dict[str, Session] = {}
         self._refused: dict[str, float] = {}
         self._inflight: dict[asyncio.Task, tuple[str, str]] = {}  # answers being handled → (platform, session key)
+
+    async def prepare(self) -> None:
+        """At start, before serving: model-server clients, and in-process models with
+        PRELOAD_MODELS=1, so the first user's answer does not wait for imports and set-up."""
+        await self.hub.prepare(preload=self.settings.preload_models)
 
     # -- identity --------------------------------------------------------------------
     def session_key(self, msg: Incoming) -> str:
@@ -148,6 +160,7 @@ class App:
     # -- the entry points ----------------------------------------------------------------
     async def handle(self, msg: Incoming, surface: ReplySurface) -> None:
         key = self.session_key(msg)
+        bind(platform=msg.platform, session=key, persona=None)
         with self._tracked(msg.platform, key):
             try:
                 req = self._route(msg, surface, key)
@@ -161,6 +174,7 @@ class App:
     async def regenerate(self, msg: Incoming, surface: ReplySurface) -> None:
         """Ask the last question of the current persona again, replacing its answer."""
         key = self.session_key(msg)
+        bind(platform=msg.platform, session=key, persona=None)
         with self._tracked(msg.platform, key):
             persona = self.current_persona(key)
             req = Request(msg, surface, key, None, "", self.features.by_persona.get(persona.name))
@@ -205,6 +219,7 @@ class App:
         if not self.access.allows(msg):
             who = f"{msg.platform}:{msg.user_id}"
             log.info("refused %s (chat %s): not on the allowlist", who, msg.chat_id)
+            self.metrics.request(msg.platform, "none", "refused", who)
             last = self._refused.get(who)
             if last is None or self.clock() - last >= REFUSAL_EVERY:
                 self._refused[who] = self.clock()
@@ -212,6 +227,9 @@ class App:
             return False
         if req.feature is not None and not self.access.allows_feature(msg, req.feature):
             log.info("refused %s:%s for /%s", msg.platform, msg.user_id, req.feature.command)
+            self.metrics.request(msg.platform, req.feature.persona or "none", "refused", f"{msg.platform}:{msg.user_id}")
+            if msg.image is not None:
+                self.metrics.image("refused")
             await self._notice(req.surface, t(req.feature.refusal_key, req.lang))
             return False
         return True
@@ -321,6 +339,7 @@ class App:
                 image, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels, side=side
             )
         except ImageProblem as problem:
+            self.metrics.image(problem.key.removeprefix("image_"))
             log.info(
                 "refused an image from %s:%s (%r, %s bytes declared): %s",
                 msg.platform, msg.user_id, image.filename[:64], image.size, problem,
@@ -331,34 +350,44 @@ class App:
             "image from %s:%s: %s → %dx%d in %.0f ms",
             msg.platform, msg.user_id, prepared.describe(), *prepared.image.size, (time.perf_counter() - started) * 1000,
         )
+        self.metrics.image("ok")
         return self.images.put(req.key, uuid.uuid4().hex[:12], prepared)
 
     # -- asking a persona ----------------------------------------------------------------
     async def ask(self, req: Request, persona: Persona, text: str, *, attachment: str | None = None) -> None:
         msg, lang = req.msg, req.lang
+        bind(persona=persona.name)
+        tenant = f"{msg.platform}:{msg.user_id}"
         text, problem = clean_text(text, self.settings.max_input_chars)
         if problem is not None:
             log.info("rejected input from %s:%s: %s", msg.platform, msg.user_id, problem.key)
+            self.metrics.request(msg.platform, persona.name, "refused", tenant)
             await self._notice(req.surface, t(problem.key, lang, **problem.values))
             return
-        tenant = f"{msg.platform}:{msg.user_id}"
         feature = self.features.by_persona.get(persona.name)
         wait = self.buckets[feature.bucket if feature else "messages"].take(tenant)
         if wait:
             log.info("rate-limited %s for %.0fs", tenant, wait)
+            self.metrics.request(msg.platform, persona.name, "rate_limited", tenant)
             await self._notice(req.surface, t("rate_limited", lang, seconds=max(1, round(wait))))
             return
         session = self.session(req.key)
         self._context(req, persona)
-        stream = ReplyStream(req.surface).start()
+        timed = TimedSurface(req.surface)  # when the answer showed, how many edits it took
+        stream = ReplyStream(timed).start()
         if session.lock.locked():
             stream.set_status(t("queued_session", lang))
+        turn = None
         try:
             async with session.lock:
                 turn = self._turn(req, session, persona, text, tenant, stream, attachment)
                 await self._answer(turn, stream)
         finally:  # also on cancellation (shutdown): close the reply cleanly
             await asyncio.shield(stream.finish(empty_text=t("stopped_mark", lang)))
+        self.metrics.answer(
+            msg.platform, persona.name, tenant, first_text=timed.first_text, total=time.monotonic() - timed.started,
+            edits=timed.edits, tokens=turn.stats.completion_tokens if turn else 0, agent=persona.role == "agent",
+        )
 
     def _turn(
         self, req: Request, session: Session, persona: Persona, text: str, tenant: str, stream: ReplyStream,
@@ -410,6 +439,7 @@ class App:
             self.sessions[key].cancel = self.sessions[key].stopped = None
             answer = turn.stored_answer if turn.stored_answer is not None else stream.text
             self.store.update(answer_id, answer, status)
+            self.metrics.request(turn.msg.platform, persona.name, "answered" if status == "ok" else status, turn.tenant)
             log.info(
                 "answered %s as %s: %s, %d prompt + %d answer tokens",
                 turn.tenant, persona.name, status, turn.stats.prompt_tokens, turn.stats.completion_tokens,

@@ -9,13 +9,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 ROLES = ("chat", "bajie", "agent", "vision")
 
 IdSet = Annotated[frozenset[str], NoDecode]
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and "localhost": reachable from this machine only."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[] ")).is_loopback
+    except ValueError:
+        return False
 
 
 class ConfigError(Exception):
@@ -49,7 +61,9 @@ class Settings(BaseSettings):
     vision_api_key: SecretStr = SecretStr("")
     openai_timeout: float = Field(120.0, gt=0)
     openai_max_retries: int = Field(3, ge=0)
-    openai_max_concurrent: int = Field(16, ge=1)  # requests in flight per server: it batches them
+    # Requests in flight per server and model; beyond it the bot's fair queue. Servers batch
+    # (LMDeploy --max-batch-size: 128 by default; vLLM --max-num-seqs: 256) and queue the rest.
+    openai_max_concurrent: int = Field(128, ge=1)
 
     model_hub: Literal["huggingface", "modelscope"] = "huggingface"
     bajie_hub: Literal["", "huggingface", "modelscope"] = "modelscope"  # Bajie is published there; empty: MODEL_HUB
@@ -59,6 +73,7 @@ class Settings(BaseSettings):
     max_concurrent_generations: int = Field(16, ge=1)  # per loaded model
     kv_cache_mb: int = Field(4096, ge=16)  # KV cache budget per in-process text model
     generation_host: Literal["process", "thread"] = "process"  # where in-process models generate
+    preload_models: bool = False  # load in-process models at start (default: on first use)
     max_context_tokens: int = Field(8192, ge=256)  # prompt + answer budget
 
     # --- personas --------------------------------------------------------------------
@@ -71,6 +86,12 @@ class Settings(BaseSettings):
     # --- storage and logs ------------------------------------------------------------
     data_dir: Path = Path("./data")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    # --- metrics, health and the status page ---------------------------------------------
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(9464, ge=0, le=65535)  # empty: no metrics server
+    status_token: SecretStr = SecretStr("")  # required when METRICS_HOST is not loopback
 
     # --- limits and access -------------------------------------------------------------
     max_input_chars: int = Field(4000, ge=1)
@@ -131,6 +152,20 @@ class Settings(BaseSettings):
             return frozenset(part.strip() for part in value.replace(";", ",").split(",") if part.strip())
         return value
 
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_port_is_off(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> "Settings":
+        if self.metrics_port is not None and not is_loopback(self.metrics_host) and not self.status_token.get_secret_value():
+            raise ValueError(
+                f"METRICS_HOST={self.metrics_host} is reachable from other machines: set STATUS_TOKEN "
+                "(the status page and /metrics then need it), bind METRICS_HOST=127.0.0.1, or leave METRICS_PORT empty"
+            )
+        return self
+
     @field_validator("sandbox_total_memory_mb")
     @classmethod
     def _check_sandbox_total(cls, value: int, info) -> int:
@@ -173,5 +208,6 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = str(first["loc"][0]).upper() if first["loc"] else "configuration"
-        raise ConfigError(f"Invalid setting {name}: {first['msg']}") from None
+        if not first["loc"]:  # a check across settings: its message names them
+            raise ConfigError(str(first["msg"]).removeprefix("Value error, ")) from None
+        raise ConfigError(f"Invalid setting {str(first['loc'][0]).upper()}: {first['msg']}") from None

@@ -1,8 +1,12 @@
 """ReplyStream: shows a growing answer on a platform by editing messages.
 
 Policy (platform-neutral; the adapter supplies the limits):
-- never edit faster than `min_edit_interval`; deltas that arrive meanwhile are coalesced, so a
-  slow platform always receives the newest text;
+- never edit faster than `min_edit_interval`, counted from when the previous write completed
+  (the platform counts arrivals, which network jitter moves); deltas that arrive meanwhile are
+  coalesced, so a slow platform always receives the newest text;
+- the first answer text takes the first free write: a status line (queue position, model
+  loading) is written only once it has stood for STATUS_DELAY without text overtaking it, and
+  "typing…" starts only after TYPING_DELAY without text;
 - never send an identical edit;
 - past `max_length`, seal the message at a good boundary (see splitting.py) and continue in a
   new one;
@@ -24,6 +28,8 @@ from .splitting import split
 log = logging.getLogger(__name__)
 
 TYPING_INTERVAL = 4.5  # "typing…" lasts 5 s on Telegram
+TYPING_DELAY = 0.3  # no "typing…" for an answer whose text comes sooner
+STATUS_DELAY = 0.5  # a status line that text overtakes this soon is never written
 FINAL_ATTEMPTS = 6
 
 
@@ -48,12 +54,14 @@ class ReplyStream:
         self.sleep = sleep
         self.text = ""  # the whole answer so far
         self.status = ""  # shown while there is no answer text yet
+        self._status_at = 0.0  # when the status last changed
         self.sealed: list[_Message] = []
         self.current = _Message()
         self._base = 0  # where the current message starts in self.text
         self._prefix = ""  # a reopened code fence
         self._next_write = 0.0
         self._dirty = asyncio.Event()
+        self._has_text = asyncio.Event()
         self._write_lock = asyncio.Lock()  # finish() never interrupts a write half-way
         self._closing = False
         self._flusher: asyncio.Task | None = None
@@ -70,11 +78,13 @@ class ReplyStream:
     def set_status(self, text: str) -> None:
         if not self.text and text != self.status:
             self.status = text
+            self._status_at = self.clock()
             self._dirty.set()
 
     def feed(self, delta: str) -> None:
         if delta:
             self.text += delta
+            self._has_text.set()
             self._dirty.set()
 
     @property
@@ -82,9 +92,22 @@ class ReplyStream:
         return len(self.sealed) + (1 if self.current.handle is not None else 0)
 
     # -- background work -------------------------------------------------------------
+    async def _sleep_until_text(self, seconds: float) -> None:
+        """Sleep, but wake as soon as the first answer text arrives."""
+        if self._has_text.is_set():
+            return
+        sleeper = asyncio.ensure_future(self.sleep(seconds))
+        waker = asyncio.ensure_future(self._has_text.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+
     async def _typing_loop(self) -> None:
         try:
-            while self.current.shown is None and not self.sealed and not self._closing:
+            await self._sleep_until_text(TYPING_DELAY)
+            while self.current.shown is None and not self.sealed and not self._closing and not self._has_text.is_set():
                 try:
                     await self.surface.typing()
                 except Exception as exc:  # purely cosmetic
@@ -96,6 +119,10 @@ class ReplyStream:
     async def _flush_loop(self) -> None:
         while not self._closing:
             await self._dirty.wait()
+            if not self.text:  # only a status: let text overtake it
+                status_wait = self._status_at + STATUS_DELAY - self.clock()
+                if status_wait > 0:
+                    await self._sleep_until_text(status_wait)
             wait = self._next_write - self.clock()
             if wait > 0:
                 await self.sleep(wait)
@@ -125,7 +152,6 @@ class ReplyStream:
     async def _put(self, message: _Message, text: str, phase: Phase) -> None:
         if message.shown == text and phase == "streaming":
             return
-        self._next_write = self.clock() + self.interval
         try:
             if message.handle is None:
                 message.handle = await self.surface.post(text, phase=phase)
@@ -135,6 +161,8 @@ class ReplyStream:
             log.info("a reply message is gone; continuing in a new message")
             message.handle = message.shown = None  # a failed repost must not edit the gone one again
             message.handle = await self.surface.post(text, phase=phase)
+        finally:  # the interval counts from the completed write
+            self._next_write = self.clock() + self.interval
         self.writes += 1
         message.shown = text
 

@@ -34,16 +34,27 @@ def main(argv: list[str] | None = None) -> int:
         return check(settings)
     platforms = [] if args.mode == "console" else platform_names(settings)
     setup_logging(settings, quiet_stderr=not platforms)
+    from bot.status_server import ServerStartError
+
     try:
         asyncio.run(serve(settings, platforms))
     except KeyboardInterrupt:
         pass
+    except ServerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
 async def serve(settings: Settings, platforms: list[str]) -> None:
     """Run the adapters until SIGTERM/SIGINT (or end of console input)."""
     app = build_app(settings)
+    try:
+        await app.prepare()
+        status = await start_status_server(app, settings) if platforms else None  # not for the local console
+    except BaseException:
+        app.store.close()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM,) if not platforms else (signal.SIGTERM, signal.SIGINT)
@@ -53,6 +64,8 @@ async def serve(settings: Settings, platforms: list[str]) -> None:
         except (NotImplementedError, RuntimeError):
             pass
     adapters = create_adapters(app, settings, platforms)
+    for adapter in adapters:
+        app.health.expect(adapter.name)
     log.info("starting %s", ", ".join(a.name for a in adapters))
     tasks = [asyncio.create_task(a.run(stop), name=a.name) for a in adapters]
     stopper = asyncio.create_task(stop.wait())
@@ -61,6 +74,7 @@ async def serve(settings: Settings, platforms: list[str]) -> None:
         for task in done:
             if task is not stopper and task.exception():
                 log.error("adapter %s stopped: %r", task.get_name(), task.exception())
+                app.health.adapter(task.get_name(), "failed", str(task.exception())[:200])
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=settings.shutdown_grace + 30)
     except asyncio.TimeoutError:
@@ -69,8 +83,20 @@ async def serve(settings: Settings, platforms: list[str]) -> None:
         stopper.cancel()
         for task in tasks:
             task.cancel()
+        if status is not None:
+            await status.stop()
         app.store.close()
         log.info("stopped")
+
+
+async def start_status_server(app, settings: Settings):
+    """Metrics, health and the status page, unless METRICS_PORT is empty."""
+    if settings.metrics_port is None:
+        return None
+    from bot.status_server import StatusServer
+
+    server = StatusServer(app, settings.metrics_host, settings.metrics_port, settings.status_token.get_secret_value())
+    return await server.start()
 
 
 def check(settings: Settings) -> int:

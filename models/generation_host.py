@@ -21,13 +21,14 @@ import queue
 import signal
 import threading
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
 from . import kv_cache
 from .batching import BatchEngine, serve
-from .devices import describe_memory
+from .devices import backend_memory, describe_memory
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def load_engine(spec: WorkerSpec) -> tuple[BatchEngine, dict]:
         eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
         cache="legacy tuples" if cache_cls is None else cache_cls.__name__,
         memory=describe_memory(model, spec.device),
+        memory_bytes=backend_memory(SimpleNamespace(model=model, device=spec.device)),
         ignored=ignored,
     )
     return engine, info

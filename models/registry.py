@@ -1,17 +1,22 @@
 """Role → model. Roles that name the same model share one loaded instance and one queue.
 
-Models load lazily on first use, on a worker thread, once.
+In-process models load lazily on first use (a fast start), on a worker thread, once, or at start
+with `ModelHub.prepare(preload=True)`. Clients for model servers cost no GPU memory: `prepare`
+always sets them up at start, so the first user does not wait for imports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from .base import Capabilities, Cancel, ChatBackend, ChatMessage, GenerationParams, ModelUnavailable, StreamStats
+from .devices import backend_memory, backend_place
+from .figures import ModelFigures
 from .scheduler import FairScheduler
 
 log = logging.getLogger(__name__)
@@ -86,22 +91,52 @@ class ScheduledModel:
         self.backend: ChatBackend | None = None
         self.last_prompt: list[ChatMessage] = []  # for debugging, tests and benches
         self.last_stats = StreamStats()
+        self.figures = ModelFigures()  # state, load time, memory, tokens: read by the bot's metrics
         self._load_lock = asyncio.Lock()
 
     async def ensure_loaded(self) -> ChatBackend:
         if self.backend is None:
             async with self._load_lock:
                 if self.backend is None:
+                    self.figures.loading()
+                    started = time.perf_counter()
                     try:
                         backend = await asyncio.to_thread(self.factory, self.spec)
                         self.scheduler.budget = getattr(backend, "kv_budget_tokens", None)
+                        engine = getattr(backend, "metrics", None)
+                        if engine is not None:
+                            engine.figures = self.figures  # the engine keeps figures.batch_size current
                         self.backend = backend
-                    except ModelUnavailable:
+                    except ModelUnavailable as exc:
+                        self.figures.failed(str(exc))
                         raise
                     except Exception as exc:
                         log.exception("loading %s failed", self.spec.model)
-                        raise ModelUnavailable(f"{self.spec.variable}={self.spec.model} failed to load: {exc}") from exc
+                        self.figures.failed(f"{self.spec.variable}={self.spec.model} failed to load: {exc}")
+                        raise ModelUnavailable(self.figures.error) from exc
+                    self.figures.loaded(time.perf_counter() - started, backend_place(self.backend), backend_memory(self.backend))
         return self.backend
+
+    async def probe(self) -> str | None:
+        """None when the model is loaded or could load now; otherwise why not (for readiness).
+        Looks only: nothing is downloaded or loaded."""
+        if self.figures.state == "failed":
+            return self.figures.error
+        if self.backend is not None or self.figures.state == "loading":
+            return None
+        if self.spec.backend == "openai":
+            if not self.spec.base_url:
+                return f"{self.spec.role.upper()}_BASE_URL is not set"
+            from .openai_backend import ping
+
+            return await ping(self.spec.base_url, self.spec.api_key)
+        from .hub import resolve
+
+        try:
+            await asyncio.to_thread(resolve, self.spec.model, hub=self.spec.hub, variable=self.spec.variable, download=False)
+        except ModelUnavailable as exc:
+            return str(exc)
+        return None
 
     @property
     def capabilities(self) -> Capabilities | None:
@@ -141,9 +176,13 @@ class ScheduledModel:
             stats = stats if stats is not None else StreamStats()
             self.last_prompt, self.last_stats = prompt, stats
             options = {"skip_special_tokens": False} if special_tokens and backend.capabilities.special_tokens else {}
-            async with aclosing(backend.stream(prompt, params=params, cancel=cancel, stats=stats, **options)) as deltas:
-                async for delta in deltas:
-                    yield delta
+            started = time.perf_counter()
+            try:
+                async with aclosing(backend.stream(prompt, params=params, cancel=cancel, stats=stats, **options)) as deltas:
+                    async for delta in deltas:
+                        yield delta
+            finally:
+                self.figures.stream_done(stats.completion_tokens, time.perf_counter() - started)
 
 
     def metrics(self) -> dict[str, float]:
@@ -168,6 +207,7 @@ class ModelHub:
     """The roles of one bot process."""
 
     def __init__(self, specs: dict[str, RoleSpec], factory: Callable[[RoleSpec], ChatBackend] = build_backend) -> None:
+        self.specs = specs
         self._shared: dict[tuple, ScheduledModel] = {}
         self._by_role: dict[str, ScheduledModel] = {}
         for role, spec in specs.items():
@@ -181,6 +221,27 @@ class ModelHub:
             return self._by_role[role]
         except KeyError:
             raise ModelUnavailable(f"no model is configured for the {role} role") from None
+
+    async def prepare(self, *, preload: bool = False) -> None:
+        """At start: set up model-server clients, and load in-process models too if `preload`.
+        A model that fails here is logged and tried again on first use."""
+        for model in self._shared.values():
+            if model.backend is not None or (model.spec.backend != "openai" and not preload):
+                continue
+            try:
+                await model.ensure_loaded()
+            except ModelUnavailable as exc:
+                log.warning("%s is not ready (%s); will retry on first use", model.spec.variable, exc)
+            if model.backend is not None and hasattr(model.backend, "prepare"):
+                model.backend.prepare()
+
+    @property
+    def models(self) -> list[ScheduledModel]:
+        """Each shared model once."""
+        return list(self._shared.values())
+
+    def roles_of(self, model: ScheduledModel) -> list[str]:
+        return [role for role, m in self._by_role.items() if m is model]
 
     @property
     def loaded(self) -> list[ScheduledModel]:

@@ -36,6 +36,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import cgroups as cg
 from .base import Cancel
@@ -183,6 +184,7 @@ class Sandbox:
     unsafe_no_bwrap: bool = False  # the admin's explicit opt-in to run code unsandboxed
     max_concurrent: int | None = None  # default: limits.max_concurrent (runs × cap ≤ total)
     use_cgroups: bool = True  # False: per-process limits only (tests of the fallback)
+    on_run: Callable[[str, float], None] | None = None  # (outcome, seconds) after each run, for metrics
 
     def __post_init__(self) -> None:
         self.max_concurrent = self.max_concurrent or self.limits.max_concurrent
@@ -268,6 +270,20 @@ class Sandbox:
     # -- running -------------------------------------------------------------------------
     async def run(self, code: str, *, cancel: Cancel | None = None, marker: str = "") -> RunResult:
         """Run `code` and return its output. Raises SandboxUnavailable when it cannot run safely."""
+        started = time.perf_counter()
+        try:
+            result = await self._execute(code, cancel=cancel, marker=marker)
+        except SandboxUnavailable:
+            self._report("refused", started)
+            raise
+        self._report(outcome_of(result), started)
+        return result
+
+    def _report(self, outcome: str, started: float) -> None:
+        if self.on_run is not None:
+            self.on_run(outcome, time.perf_counter() - started)
+
+    async def _execute(self, code: str, *, cancel: Cancel | None, marker: str) -> RunResult:
         if self.problem is not None:
             raise SandboxUnavailable(self.problem)
         if len(code) > MAX_CODE_CHARS:
@@ -404,6 +420,13 @@ class Sandbox:
             bytes_received=len(received),
             seconds=time.perf_counter() - started,
         )
+
+
+def outcome_of(result: RunResult) -> str:
+    """The metrics' word for a run: ok, error, timeout (wall or CPU time), memory_cap, output_cap,
+    cancelled or refused."""
+    words = {"cpu": "timeout", "memory": "memory_cap", "output": "output_cap"}
+    return words.get(result.outcome, result.outcome)
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:

@@ -71,11 +71,14 @@ class EngineMetrics:
         self.tokens = 0
         self.decode_seconds = 0.0
         self.tokens_per_s = 0.0  # moving average of the decode steps' aggregate speed
+        self.figures = None  # the ScheduledModel's ModelFigures: batch_size kept current there
 
     def update(self, events: list, rows: int, seconds: float) -> None:
         tokens = sum(1 for e in events if e[1] >= 0)
         self.tokens += tokens
         self.batch_size = rows
+        if self.figures is not None:
+            self.figures.batch_size = rows
         if seconds > 0:  # a decode step (prefills report 0)
             self.peak_batch_size = max(self.peak_batch_size, tokens)
             self.steps += 1
@@ -106,6 +109,7 @@ class TransformersBackend:
         self.context_window = max_context_tokens
         self.kv_budget_tokens: int | None = None
         self.eos_ids: list[int] = []
+        self.memory_bytes: int | None = None
         self.metrics = EngineMetrics()
         self._host = None
         self._requests: dict[int, _Request] = {}
@@ -130,6 +134,7 @@ class TransformersBackend:
         self.context_window = min(self.max_context_tokens, limit)
         self.kv_budget_tokens = max(self.context_window, self.kv_cache_mb * 2**20 // info["kv_bytes_per_token"])
         self.eos_ids = end_of_turn_ids(self.tokenizer, SimpleNamespace(eos_token_id=info["eos_ids"]))
+        self.memory_bytes = info["memory_bytes"]  # weights (+ GPU memory) where the model lives
         log.info(
             "loaded %s on %s (%s) in %.1fs, %s; batches up to %d answers in a %s, KV cache budget %d tokens "
             "(%d MiB, %d bytes/token, %s)",

@@ -24,6 +24,7 @@ async def running(
     app: App, fake: FakeDiscord, *, clock: Callable[[], float] = time.monotonic, **adapter_options: object,
 ) -> AsyncIterator[DiscordAdapter]:
     """Start the adapter with `app` against `fake` (already started); stop it gracefully at the end."""
+    await app.prepare()  # as the real start does
     with patched(fake):
         adapter_options.setdefault("guild_ready_timeout", 0.2)  # the fake sends its one guild at once
         adapter = DiscordAdapter(app, app.settings, clock=clock, **adapter_options)

@@ -12,7 +12,12 @@ It keeps message state and is strict the way Discord is: content over 2000 chara
 messages, malformed components and unknown commands are 400s; an interaction acknowledged after
 3 s fails with 10062, twice with 40060; expired interaction tokens give 50027; rate-limit buckets
 answer with X-RateLimit-* headers and Discord-shaped 429s (with the `Via` header discord.py needs
-to retry). Every error it returns is recorded in `errors`, so a test can assert there were none.
+to retry): 5 writes per 5 s per channel, 5 per 2 s per interaction token, and 50 requests in any
+second overall. The overall cap counts every REST request by default, interaction callbacks and
+webhooks included (stricter than Discord, which exempts interaction routes; `global_routes="bot"`
+for Discord's exact rule). Like a real network and server, each REST request takes a random 3 to
+60 ms (`jitter`), and it takes effect at a random point within that time. Every error it returns
+is recorded in `errors`, so a test can assert there were none.
 
 Use `patched(fake)` to point discord.py at it; nothing outside the tests is changed.
 """
@@ -24,8 +29,10 @@ import contextlib
 import datetime as dt
 import itertools
 import json
+import random
 import re
 import time
+from collections import deque
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -219,7 +226,10 @@ class FakeDiscord:
         token_lifetime: float = TOKEN_LIFETIME,
         message_bucket: tuple[int, float] = (5, 5.0),  # per channel
         webhook_bucket: tuple[int, float] = (5, 2.0),  # per interaction token
-        global_limit: int = 50,  # per second, bot-token routes (interaction routes are exempt)
+        global_limit: int = 50,  # requests in any second
+        global_routes: str = "all",  # "all" REST requests, or "bot": bot-token routes only (Discord's rule)
+        jitter: tuple[float, float] = (0.003, 0.060),  # seconds each REST request takes, at random
+        seed: int = 0,
     ) -> None:
         self.token = token
         self.granted_intents = granted_intents
@@ -227,6 +237,10 @@ class FakeDiscord:
         self.ack_deadline = ack_deadline
         self.token_lifetime = token_lifetime
         self.limits = {"message": message_bucket, "webhook": webhook_bucket, "global": (global_limit, 1.0)}
+        self.global_routes = global_routes
+        self.jitter = jitter
+        self._random = random.Random(seed)
+        self._accepted: deque[float] = deque()  # when each request counted for the overall cap
         self._ids = itertools.count(1)
         self.bot = User(self.snowflake(), "InternLM Bot", bot=True)
         self.application_id = self.snowflake()
@@ -248,6 +262,7 @@ class FakeDiscord:
         self.file_downloads = 0
         self.errors: list[tuple[str, str, int, int]] = []  # (method, path, status, code) we answered
         self.rate_limited = 0  # 429s answered (injected or from buckets)
+        self.global_hits = 0  # of those, for the overall cap
         self.identified: list[dict] = []  # IDENTIFY payloads (token removed)
         self.heartbeats = 0
         self.resumed = 0  # successful RESUMEs
@@ -353,27 +368,43 @@ class FakeDiscord:
     async def _middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         path = request.path
         self.log.append((time.monotonic(), request.method, path))
+        if not path.startswith(API):
+            return await handler(request)
+        before, after = self._latency()
+        if before:
+            await asyncio.sleep(before)
         try:
-            if path.startswith(API):
-                bot_route = not path.startswith(API + "/interactions/") and not path.startswith(API + "/webhooks/")
-                if bot_route and request.headers.get("Authorization") != f"Bot {self.token}":
-                    raise FakeError(401, 0, "401: Unauthorized")
-                injected = self._take_injected(request.method, path)
-                if injected is not None:
-                    return self._too_many(injected.retry_after, request, status=injected.status)
+            bot_route = not path.startswith(API + "/interactions/") and not path.startswith(API + "/webhooks/")
+            if bot_route and request.headers.get("Authorization") != f"Bot {self.token}":
+                raise FakeError(401, 0, "401: Unauthorized")
+            injected = self._take_injected(request.method, path)
+            if injected is not None:
+                response = self._too_many(injected.retry_after, request, status=injected.status)
+            else:
                 wait, headers = self._rate_limit(request, bot_route)
                 if wait:
-                    return self._too_many(wait, request)
-                response = await handler(request)
-                response.headers.update(headers)
-                return response
-            return await handler(request)
+                    response = self._too_many(wait, request)
+                else:
+                    response = await handler(request)
+                    response.headers.update(headers)
         except FakeError as exc:
             self.errors.append((request.method, path, exc.status, exc.code))
-            return json_response({"message": exc.message, "code": exc.code}, exc.status)
+            response = json_response({"message": exc.message, "code": exc.code}, exc.status)
         finally:
             async with self._changed:
                 self._changed.notify_all()
+        if after:
+            await asyncio.sleep(after)
+        return response
+
+    def _latency(self) -> tuple[float, float]:
+        """(before, after) the moment a request takes effect: a random total within `jitter`."""
+        low, high = self.jitter
+        if high <= 0:
+            return 0.0, 0.0
+        total = self._random.uniform(low, high)
+        split = self._random.random()
+        return total * split, total * (1 - split)
 
     def _too_many(self, retry_after: float, request: web.Request, status: int = 429) -> web.Response:
         self.rate_limited += 1
@@ -405,16 +436,24 @@ class FakeDiscord:
             name, key = "webhook", f"webhook:{info['token']}"
         else:
             name, key = "", ""
-        if bot_route:
+        if bot_route or self.global_routes == "all":  # counted at acceptance, in a sliding second
             limit, per = self.limits["global"]
-            wait = self._buckets.setdefault("global", Bucket(limit, per)).take(now)
+            while self._accepted and self._accepted[0] <= now - per:
+                self._accepted.popleft()
+            if len(self._accepted) >= limit:
+                self.global_hits += 1
+                return self._accepted[-limit] + per - now, {}
+        bucket = None
+        if name:
+            limit, per = self.limits[name]
+            bucket = self._buckets.setdefault(key, Bucket(limit, per))
+            wait = bucket.take(now)
             if wait:
                 return wait, {}
-        if not name:
+        if bot_route or self.global_routes == "all":
+            self._accepted.append(now)
+        if bucket is None:
             return 0.0, {}
-        limit, per = self.limits[name]
-        bucket = self._buckets.setdefault(key, Bucket(limit, per))
-        wait = bucket.take(now)
         headers = {
             "X-RateLimit-Bucket": f"fake-{name}", "X-RateLimit-Limit": str(limit),
             "X-RateLimit-Remaining": str(bucket.remaining), "X-RateLimit-Reset": f"{time.time() + bucket.reset_at - now:.3f}",

@@ -4,8 +4,11 @@ The real python-telegram-bot talks to it over HTTP (`base_url = fake.base_url`).
 every chat's messages, answers like Telegram does (the same error texts), and is strict where
 Telegram is: text over 4096 characters, empty text, malformed entities or HTML, bad inline
 keyboards, identical edits ("message is not modified"), edits of deleted messages, unknown
-callback queries. It enforces the flood limits (per chat and overall) by answering 429 with
-`retry_after`, and injects 429s, 5xx answers, timeouts and entity rejections on demand.
+callback queries. It enforces the flood limits strictly (a write less than a second after the
+chat's previous accepted write, a 21st in a group's minute, a 31st in any second overall) by
+answering 429 with `retry_after`, and injects 429s, 5xx answers, timeouts and entity rejections
+on demand. Like a real network and server, it takes a random few to 60 ms per request (`jitter`),
+and a write counts as accepted at a random point within that time.
 
 Test-side API: `private_chat`, `group_chat`, `send_text`, `send_photo`, `send_document`,
 `press`, `delete_message`, `messages`, `texts`, `wait_until`, `fail_next`, and the records
@@ -19,6 +22,7 @@ import html.parser
 import itertools
 import json
 import math
+import random
 import re
 import time
 from collections import deque
@@ -211,12 +215,14 @@ class FakeTelegram:
         username: str = "InternLMTestBot",
         bot_id: int = 7_000_000_001,
         enforce_limits: bool = True,
-        private_limit: tuple[int, float] = (5, 4.0),  # writes per seconds, per private chat
-        group_limits: tuple[tuple[int, float], ...] = ((3, 5.0), (22, 60.0)),
+        private_limit: tuple[int, float] = (1, 1.0),  # writes per seconds, per private chat
+        group_limits: tuple[tuple[int, float], ...] = ((20, 60.0),),
         global_limit: tuple[int, float] = (30, 1.0),
+        jitter: tuple[float, float] = (0.003, 0.060),  # seconds each request takes, at random
+        seed: int = 0,
     ) -> None:
-        # The limits model "about 1/s per chat, 20/min per group, 30/s overall" with a little
-        # room for network jitter, as Telegram has.
+        # The limits are Telegram's "1/s per chat, 20/min per group, 30/s overall", counted
+        # strictly at the moment each write is accepted.
         self.token = token
         self.username = username
         self.bot_id = bot_id
@@ -224,6 +230,8 @@ class FakeTelegram:
         self.private_limit = private_limit
         self.group_limits = group_limits
         self.global_limit = global_limit
+        self.jitter = jitter
+        self._random = random.Random(seed)
         self.chats: dict[int, Chat] = {}
         self.users: dict[int, dict] = {}
         self.updates: list[dict] = []
@@ -448,9 +456,12 @@ class FakeTelegram:
         token, _, method = path[3:].partition("/")
         if token != self.token:
             return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
+        before, after = self._latency(method)
         try:
             params = await self._params(request)
             self.calls.append((time.monotonic(), method, params))
+            if before:
+                await asyncio.sleep(before)
             fault = self._fault(method, params)
             if fault is not None:
                 return await self._apply(fault, method)
@@ -458,15 +469,27 @@ class FakeTelegram:
             if handler is None:
                 raise ApiError(404, "Not Found")
             result = await handler(params)
+            response = web.json_response({"ok": True, "result": result})
         except ApiError as exc:
             self.errors.append((method, exc.code, exc.description))
             body: dict[str, Any] = {"ok": False, "error_code": exc.code, "description": exc.description}
             if exc.retry_after is not None:
                 body["parameters"] = {"retry_after": exc.retry_after}
-            return web.json_response(body, status=exc.code)
+            response = web.json_response(body, status=exc.code)
         finally:
             await self._notify()
-        return web.json_response({"ok": True, "result": result})
+        if after:
+            await asyncio.sleep(after)
+        return response
+
+    def _latency(self, method: str) -> tuple[float, float]:
+        """(before, after) the moment a request takes effect: a random total within `jitter`."""
+        low, high = self.jitter
+        if method == "getUpdates" or high <= 0:
+            return 0.0, 0.0
+        total = self._random.uniform(low, high)
+        split = self._random.random()
+        return total * split, total * (1 - split)
 
     async def _params(self, request: web.Request) -> dict:
         params: dict[str, Any] = dict(request.query)

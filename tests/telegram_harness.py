@@ -23,6 +23,7 @@ async def running_bot(app: App, **adapter_options) -> AsyncIterator[TelegramAdap
     """Start the adapter (getMe, setMyCommands, polling or webhook); stop it like SIGTERM does."""
     options = dict(read_timeout=3.0, poll_timeout=5)
     options.update(adapter_options)
+    await app.prepare()  # as the real start does
     adapter = TelegramAdapter(app, app.settings, **options)
     stop = asyncio.Event()
     task = asyncio.create_task(adapter.run(stop))

@@ -177,7 +177,10 @@ async def test_two_users_stream_at_once_when_two_slots(make_app):
     assert a_first < b_last and b_first < a_last  # interleaved, not one after the other
 
 
-async def test_fair_queue_serves_other_users_between_a_flooders_requests(make_app):
+async def test_fair_queue_serves_other_users_between_a_flooders_requests(make_app, monkeypatch):
+    # every queue position is shown, however short the wait (normally text that comes within
+    # STATUS_DELAY overtakes it: tests/test_streaming.py)
+    monkeypatch.setattr("bot.streaming.STATUS_DELAY", 0.0)
     app = make_app(max_concurrent_generations=1)
     await app.handle(msg("ping"), RecordingSurface())  # load the model first
     done: list[str] = []
@@ -198,7 +201,8 @@ async def test_fair_queue_serves_other_users_between_a_flooders_requests(make_ap
     assert statuses and statuses[0].startswith("⏳ In the queue: 2 ahead")
 
 
-async def test_a_second_message_waits_for_the_first_in_order(make_app):
+async def test_a_second_message_waits_for_the_first_in_order(make_app, monkeypatch):
+    monkeypatch.setattr("bot.streaming.STATUS_DELAY", 0.0)  # show the waiting line however short the wait
     app = make_app()
     first, second = RecordingSurface(), RecordingSurface()
     await asyncio.gather(app.handle(msg("remember cherry"), first), app.handle(msg("recall"), second))

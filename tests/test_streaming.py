@@ -170,3 +170,46 @@ async def test_message_gone_on_final_edit_reposts():
     surface.fail_next.append(MessageGone())
     await clock.run_until(stream.finish())
     assert surface.messages[-1] == "hello" and surface.phases[-1] == "done"
+
+
+async def test_first_text_overtakes_a_fresh_status_and_typing():
+    clock, surface, stream = make()
+    stream.set_status("⏳ in the queue: 1 ahead")
+    await clock.advance(0.1)
+    stream.feed("answer")  # the text came before the status was worth a write
+    await clock.advance(0.1)
+    assert [w.text for w in surface.writes] == ["answer"] and surface.typing_calls == 0
+    await clock.run_until(stream.finish())
+    assert surface.phases == ["done"]
+
+
+async def test_a_status_that_stands_is_shown_then_the_text_replaces_it():
+    clock, surface, stream = make()
+    stream.set_status("⏳ loading the model")
+    await clock.advance(0.45)
+    assert surface.writes == [] and surface.typing_calls == 1  # "typing…" after 0.3 s
+    await clock.advance(0.1)
+    assert [w.phase for w in surface.writes] == ["status"]
+    stream.feed("answer")
+    await clock.run_until(stream.finish())
+    assert surface.messages == ["answer"]
+    assert surface.writes[1].at - surface.writes[0].at >= 1.0  # from the status write's completion
+
+
+async def test_writes_are_spaced_from_the_previous_write_completing():
+    clock = FakeClock()
+
+    class SlowSurface(RecordingSurface):
+        async def edit(self, handle, text, *, phase):
+            await clock.sleep(0.4)  # a slow request: accepted 0.4 s after it was sent
+            await super().edit(handle, text, phase=phase)
+
+    surface = SlowSurface(interval=1.0, clock=clock)
+    stream = ReplyStream(surface, clock=clock, sleep=clock.sleep).start()
+    for i in range(40):
+        stream.feed(f"w{i} ")
+        await clock.advance(0.1)
+    await clock.run_until(stream.finish())
+    times = [w.at for w in surface.writes]
+    # each write was accepted 0.4 s after it started, and started 1 s after the previous completed
+    assert len(times) >= 3 and all(b - a >= 1.4 - 1e-9 for a, b in zip(times, times[1:])), times

@@ -34,7 +34,8 @@ def regen_button_shown(fake: FakeTelegram, chat: int) -> bool:
     return bool(messages) and any(b.startswith("regen:") for b in fake.buttons(messages[-1]))
 
 
-async def test_private_ping_streams_to_exactly_pong_with_menu_and_buttons(make_app):
+async def test_private_ping_streams_to_exactly_pong_with_menu_and_buttons(make_app, monkeypatch):
+    monkeypatch.setattr("bot.streaming.TYPING_DELAY", 0.0)  # "typing…" at once, however fast the text
     async with FakeTelegram(TOKEN) as fake:
         app = make_app(**telegram_settings(fake))
         async with running_bot(app):
@@ -343,7 +344,8 @@ async def test_shutdown_lets_answers_finish_or_closes_them_cleanly(make_app, mon
         async with running_bot(app):
             chat = fake.private_chat(43)
             fake.send_text(chat, 43, "count")
-            await fake.wait_until(lambda: fake.calls_of("sendChatAction"))
+            # the answer has begun ("typing…" shows only if its text does not come within 0.3 s)
+            await fake.wait_until(lambda: fake.calls_of("sendChatAction") or fake.writes)
         assert fake.texts(chat) == [COUNT_ANSWER]  # finished within the grace period
 
 

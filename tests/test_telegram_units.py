@@ -12,7 +12,8 @@ from telegram.error import BadRequest, InvalidToken, RetryAfter
 
 from adapters.telegram.handlers import BotIdentity, incoming_from_message
 from adapters.telegram.render import render
-from adapters.telegram.surface import FINAL_BUDGET, STREAM_BUDGET, Pacer, retry_seconds
+from adapters.telegram.pacing import FINAL_BUDGET, STREAM_BUDGET, Pacer
+from adapters.telegram.surface import retry_seconds
 from tests.fake_telegram import FakeTelegram
 from tests.surfaces import FakeClock
 from tests.telegram_harness import TOKEN
@@ -66,13 +67,13 @@ async def test_fake_enforces_flood_limits_and_injects_faults():
     async with FakeTelegram(TOKEN) as fake:
         chat = fake.private_chat(42)
         async with Bot(TOKEN, base_url=fake.base_url) as bot:
-            for i in range(5):
-                await bot.send_message(chat, f"m{i}")
-            with pytest.raises(RetryAfter) as caught:
+            await bot.send_message(chat, "m0")
+            with pytest.raises(RetryAfter) as caught:  # within a second of the accepted one
                 await bot.send_message(chat, "one too many")
             assert retry_seconds(caught.value) >= 1
             assert fake.flood_429s == 1
-            assert len(fake.texts(chat)) == 5  # the refused message does not exist
+            assert fake.flood_hits[0][2] == "chat"
+            assert len(fake.texts(chat)) == 1  # the refused message does not exist
             fake.fail_next("sendChatAction", "429", retry_after=7)
             with pytest.raises(RetryAfter) as caught:
                 await bot.send_chat_action(chat, "typing")
@@ -98,14 +99,10 @@ async def test_fake_get_updates_honours_its_timeout_and_offset():
             assert (await bot.get_updates(offset=update.update_id + 1, timeout=0)) == ()
 
 
-async def test_pacer_spaces_each_chat_and_caps_the_overall_rate():
+async def test_pacer_caps_the_overall_rate_counting_requests_until_a_second_after_they_completed():
     clock = FakeClock()
     pacer = Pacer(clock=clock, sleep=clock.sleep)
-    first = pacer.try_take("1", 1.0, STREAM_BUDGET)
-    assert first is not None
-    assert pacer.try_take("1", 1.0, STREAM_BUDGET) is None  # same chat: wait a second
-    assert pacer.wait_for("1", STREAM_BUDGET) == pytest.approx(1.0)
-    slots = [first] + [pacer.try_take(str(chat), 1.0, STREAM_BUDGET) for chat in range(2, STREAM_BUDGET + 1)]
+    slots = [pacer.try_take(str(chat), 1.0, STREAM_BUDGET) for chat in range(STREAM_BUDGET)]
     assert all(slots)  # other chats are not blocked
     assert pacer.try_take("new", 1.0, STREAM_BUDGET) is None  # the streaming share is used up
     final = pacer.try_take("final", 1.0, FINAL_BUDGET)
@@ -120,6 +117,7 @@ async def test_pacer_spaces_each_chat_and_caps_the_overall_rate():
     assert pacer.try_take("new", 1.0, STREAM_BUDGET) is not None
     pacer.hold("2", 5.0)
     assert pacer.wait_for("2", STREAM_BUDGET) == pytest.approx(5.0)  # retry_after is kept
+    assert pacer.stats.rate_limited == 1
 
 
 def message(text: str, *, chat_type: str = "supergroup", entities=(), reply_from: int | None = None, topic: int | None = None) -> Message:

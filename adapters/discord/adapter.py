@@ -25,7 +25,9 @@ from bot.config import Settings
 from bot.i18n import t
 from bot.messages import ImageAttachment, Incoming
 
+from .api_calls import api_call_trace
 from .commands import I18nTranslator, build_tree, sync_commands
+from .pacing import Pacer, cover_other_requests, within
 from .surface import InteractionSurface, MessageSurface, OwnedButton
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,14 @@ class _Client(discord.Client):
 
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s (%s guilds)", self.user, len(self.guilds))
+        self.adapter.app.health.adapter("discord", "connected")
+
+    async def on_resumed(self) -> None:
+        self.adapter.app.health.adapter("discord", "connected")
+
+    async def on_disconnect(self) -> None:
+        if not self.adapter._closing:
+            self.adapter.app.health.adapter("discord", "disconnected", "gateway connection lost; reconnecting")
 
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
@@ -69,15 +79,18 @@ class DiscordAdapter:
         self.client = _Client(
             self, intents=intents, allowed_mentions=discord.AllowedMentions.none(),  # model text never pings
             guild_ready_timeout=guild_ready_timeout,
+            http_trace=api_call_trace(lambda method, result: app.metrics.api_call("discord", method, result)),
         )
         self.tree = build_tree(self.client, self.app.menu(self.name), self.on_command)
+        self.pacer = Pacer()  # every request of the bot takes its place here (pacing.py)
+        cover_other_requests(self.client.http, self.pacer)
         self._running: set[asyncio.Task] = set()  # answers in flight, with their surface's closing
         self._closing = False
 
     def _interaction_surface(self, incoming: Incoming, interaction: discord.Interaction, received: float) -> InteractionSurface:
         return InteractionSurface(
             incoming, interaction, received_at=received, clock=self.clock,
-            switch_after=self.switch_after, token_lifetime=self.token_lifetime,
+            switch_after=self.switch_after, token_lifetime=self.token_lifetime, pacer=self.pacer,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -135,6 +148,7 @@ class DiscordAdapter:
         """Take no new work, let the core drain the answers in flight (its one shutdown policy),
         let their surfaces close, then close the connection."""
         self._closing = True
+        self.app.health.adapter(self.name, "stopped")
         await self.app.drain(self.name)
         if self._running:
             await asyncio.wait(set(self._running), timeout=SURFACE_CLOSE_WAIT)
@@ -185,7 +199,7 @@ class DiscordAdapter:
         if self._closing:
             return
         try:  # first, before anything that can wait: Discord allows 3 s
-            await interaction.response.defer(thinking=True, ephemeral=command in QUIET_COMMANDS)
+            await self._urgently(lambda: interaction.response.defer(thinking=True, ephemeral=command in QUIET_COMMANDS))
         except discord.HTTPException as exc:
             log.warning("could not defer /%s in time (%s); Discord shows it as failed", command, exc)
             return
@@ -193,6 +207,10 @@ class DiscordAdapter:
         incoming = self._from_interaction(interaction, command, text, image)
         surface = self._interaction_surface(incoming, interaction, received)
         await self._serve(incoming, self._answer(incoming, surface, self.app.handle))
+
+    async def _urgently(self, request: Callable[[], Any]) -> Any:
+        """Acknowledge an interaction (due within 3 s) ahead of every other write."""
+        return await within(await self.pacer.take(None, "urgent"), self.pacer, request)
 
     async def _answer(self, incoming: Incoming, surface: InteractionSurface,
                       handler: Callable[[Incoming, Any], Any]) -> None:
@@ -207,13 +225,14 @@ class DiscordAdapter:
         if action == "stop":
             stopped = self.app.stop_for(incoming)
             if stopped:
-                await interaction.response.defer()  # the answer itself shows "⏹ stopped"
+                await self._urgently(interaction.response.defer)  # the answer itself shows "⏹ stopped"
             else:
-                await interaction.response.send_message(t("stop_nothing", incoming.language), ephemeral=True)
+                note = t("stop_nothing", incoming.language)
+                await self._urgently(lambda: interaction.response.send_message(note, ephemeral=True))
             return
         if self._closing:
             return
-        await interaction.response.defer(thinking=True)
+        await self._urgently(lambda: interaction.response.defer(thinking=True))
         surface = self._interaction_surface(incoming, interaction, received)
         await self._serve(incoming, self._answer(incoming, surface, self.app.regenerate))
 
@@ -236,7 +255,7 @@ class DiscordAdapter:
             language=self._message_language(message, text), user_name=message.author.name,
             image=self._image(images[0]) if images else None,
         )
-        await self._serve(incoming, self.app.handle(incoming, MessageSurface(incoming, message)))
+        await self._serve(incoming, self.app.handle(incoming, MessageSurface(incoming, message, self.pacer)))
 
     @staticmethod
     def _message_language(message: discord.Message, text: str) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import discord
 
@@ -26,12 +26,15 @@ from bot.messages import Incoming, MessageGone, Phase, ReplyContext, RetryLater,
 from bot.splitting import split
 
 from . import texts  # noqa: F401  (registers the texts)
+from .pacing import RETRY, Kind, Pacer, within
 
 log = logging.getLogger(__name__)
 
 DISCORD_MAX = 2000
 HEADER_RESERVE = 40  # "-# " + a persona title of at most 32 characters + newline
-LIMITS = SurfaceLimits(max_length=DISCORD_MAX - HEADER_RESERVE, min_edit_interval=1.0)
+LIMITS = SurfaceLimits(max_length=DISCORD_MAX - HEADER_RESERVE, min_edit_interval=1.0)  # channels: 5 writes / 5 s
+# An interaction token allows 5 requests / 2 s: about one edit a second, spaced from completion
+INTERACTION_LIMITS = SurfaceLimits(max_length=DISCORD_MAX - HEADER_RESERVE, min_edit_interval=0.9)
 GONE_CODES = {10003, 10008, 10015, 10062, 50027}  # unknown channel/message/webhook/interaction, dead token
 
 
@@ -66,7 +69,9 @@ class OwnedButton(discord.ui.DynamicItem[discord.ui.Button], template=r"internlm
         if interaction.user.id == self.owner:
             return True
         log.info("refused a %s button press by %s (not the asker)", self.action, interaction.user.id)
-        await interaction.response.send_message(t("discord_not_yours", str(interaction.locale)), ephemeral=True)
+        adapter: DiscordAdapter = interaction.client.adapter  # type: ignore[attr-defined]
+        note = t("discord_not_yours", str(interaction.locale))
+        await adapter._urgently(lambda: interaction.response.send_message(note, ephemeral=True))
         return False
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -99,6 +104,9 @@ class Posted:
     controls: str | None = None  # the button it shows now: "stop", "regen" or None
 
 
+KINDS: dict[str, Kind] = {"status": "status", "streaming": "streaming"}  # everything else: "final"
+
+
 def _translate(exc: discord.HTTPException) -> Exception:
     if isinstance(exc, discord.RateLimited):
         return RetryLater(exc.retry_after)
@@ -112,9 +120,10 @@ def _translate(exc: discord.HTTPException) -> Exception:
 class _Surface:
     limits = LIMITS
 
-    def __init__(self, incoming: Incoming, owner: int) -> None:
+    def __init__(self, incoming: Incoming, owner: int, pacer: Pacer) -> None:
         self.incoming = incoming
         self.owner = owner
+        self.pacer = pacer  # the adapter's: every write takes its place there
         self.context: ReplyContext | None = None  # set by the core before the first write
         self.writes = 0
         self._header_used = False
@@ -141,7 +150,7 @@ class _Surface:
         if wanted != handle.controls:  # send components only when the button changes
             kwargs["view"] = controls(wanted, self.owner, self.lang)
         try:
-            await self._edit(handle, **kwargs)
+            await self._paced(phase, self._scope(handle), lambda: self._edit(handle, **kwargs))
         except discord.HTTPException as exc:
             raise _translate(exc) from exc
         handle.controls = wanted
@@ -149,6 +158,27 @@ class _Surface:
 
     async def typing(self) -> None:
         pass
+
+    async def _paced(self, phase: Phase, scope: str | None, request: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one write in its place in the adapter's budgets (see pacing.py)."""
+        pacer = self.pacer
+        kind = KINDS.get(phase, "final")
+        if kind == "final":
+            slot = await pacer.take(scope, kind)
+        else:
+            slot = pacer.try_take(scope, kind, answer=str(id(self)))
+            if slot is None:  # the stream comes back with its newest text
+                raise RetryLater(max(RETRY, pacer.wait_for(scope, kind)))
+        try:
+            return await within(slot, pacer, request)
+        except discord.HTTPException as exc:
+            if exc.status == 429:
+                pacer.stats.rate_limited += 1
+            raise
+
+    def _scope(self, handle: Posted | None) -> str | None:
+        """The bucket a write to `handle` (None: a new message) falls in."""
+        raise NotImplementedError
 
     # -- helpers ---------------------------------------------------------------------------------------
     @property
@@ -162,7 +192,8 @@ class _Surface:
         content = handle.header + text
         wanted = button_for(phase)
         try:
-            await self._create(handle, content, controls(wanted, self.owner, self.lang))
+            view = controls(wanted, self.owner, self.lang)
+            await self._paced(phase, self._scope(None), lambda: self._create(handle, content, view))
         except discord.HTTPException as exc:
             raise _translate(exc) from exc
         handle.controls = wanted
@@ -183,8 +214,8 @@ def _view_kwargs(view: discord.ui.View | None) -> dict[str, Any]:
 class MessageSurface(_Surface):
     """Answers a mention or DM: reply to the user's message, then edit the reply."""
 
-    def __init__(self, incoming: Incoming, message: discord.Message) -> None:
-        super().__init__(incoming, message.author.id)
+    def __init__(self, incoming: Incoming, message: discord.Message, pacer: Pacer) -> None:
+        super().__init__(incoming, message.author.id, pacer)
         self.message = message
 
     async def _create(self, handle: Posted, content: str, view: discord.ui.View | None) -> None:
@@ -195,18 +226,25 @@ class MessageSurface(_Surface):
         else:
             handle.message = await self.message.channel.send(content, **_view_kwargs(view))
 
+    def _scope(self, handle: Posted | None) -> str | None:
+        return f"channel:{self.message.channel.id}"
+
     async def typing(self) -> None:
-        await self.message.channel.typing()
+        slot = self.pacer.try_take(None, "status")  # cosmetic: spare budget only
+        if slot is not None:
+            await within(slot, self.pacer, self.message.channel.typing)
 
 
 class InteractionSurface(_Surface):
     """Answers an application command (or a Regenerate press) through its interaction token."""
 
+    limits = INTERACTION_LIMITS
+
     def __init__(
         self, incoming: Incoming, interaction: discord.Interaction, *,
-        received_at: float, clock: Callable[[], float], switch_after: float, token_lifetime: float,
+        received_at: float, clock: Callable[[], float], switch_after: float, token_lifetime: float, pacer: Pacer,
     ) -> None:
-        super().__init__(incoming, interaction.user.id)
+        super().__init__(incoming, interaction.user.id, pacer)
         self.interaction = interaction
         self.clock = clock
         self.switch_at = received_at + switch_after  # from here on: channel messages
@@ -216,6 +254,14 @@ class InteractionSurface(_Surface):
 
     def _token_usable(self) -> bool:
         return not self.token_dead and self.clock() < self.switch_at
+
+    def _scope(self, handle: Posted | None) -> str | None:
+        if handle is None:  # a new message: as _create decides
+            original = not self.original_written and not self.token_dead and self.clock() < self.expires_at
+            by_token = original or self._token_usable()
+        else:
+            by_token = handle.kind != "channel"
+        return f"token:{self.interaction.id}" if by_token else f"channel:{self.interaction.channel_id}"
 
     async def _create(self, handle: Posted, content: str, view: discord.ui.View | None) -> None:
         interaction = self.interaction
@@ -262,9 +308,9 @@ class InteractionSurface(_Surface):
             return
         try:
             if handle.kind == "original":
-                await self.interaction.edit_original_response(view=None)
+                await self._paced("sealed", self._scope(handle), lambda: self.interaction.edit_original_response(view=None))
             else:
-                await handle.message.edit(view=None)
+                await self._paced("sealed", self._scope(handle), lambda: handle.message.edit(view=None))
             handle.controls = None
         except discord.HTTPException as exc:
             log.info("could not retire a message before its token expired: %s", exc)
@@ -277,6 +323,6 @@ class InteractionSurface(_Surface):
         """The core wrote nothing (e.g. a repeated refusal): remove the "thinking…" placeholder."""
         if self.writes == 0 and not self.token_dead and self.clock() < self.expires_at:
             try:
-                await self.interaction.delete_original_response()
+                await self._paced("notice", self._scope(None), self.interaction.delete_original_response)
             except discord.HTTPException as exc:
                 log.info("could not remove an unanswered placeholder: %s", exc)

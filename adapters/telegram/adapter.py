@@ -25,6 +25,7 @@ from bot.i18n import lang_of, t
 from bot.logs import redact
 
 from . import texts  # noqa: F401  (registers the adapter's texts)
+from .api_calls import count_api_calls
 from .handlers import BotIdentity, incoming_from_callback, incoming_from_message
 from .surface import REGENERATE, STOP, Pacer, TelegramSurface
 from .webhook import WebhookServer
@@ -67,6 +68,7 @@ class TelegramAdapter:
         self.application: Application | None = None
         self.ready = asyncio.Event()  # set once updates are being received (for tests and logs)
         self._tasks: set[asyncio.Task] = set()  # keeps the handling tasks referenced
+        self._stopping = False
         self.webhook: WebhookServer | None = None
 
     # -- building --------------------------------------------------------------------
@@ -110,6 +112,7 @@ class TelegramAdapter:
 
     async def _serve(self, stop: asyncio.Event) -> None:
         application = self.application = self.build()
+        count_api_calls(application.bot, self._api_call)
         try:
             await application.initialize()  # getMe
         except InvalidToken:
@@ -122,10 +125,19 @@ class TelegramAdapter:
             mode = await self._start_receiving(application)
             log.info("telegram: @%s is ready (%s)", self.me.username, mode)
             self.ready.set()
+            self.app.health.adapter(self.name, "connected", mode)
             await stop.wait()
             log.info("telegram: stopping")
         finally:
+            self._stopping = True
+            self.app.health.adapter(self.name, "stopped")
             await self._shutdown(application)
+
+    def _api_call(self, method: str, result: str) -> None:
+        """Every Bot API call, for the metrics; getUpdates also tells whether polling works."""
+        self.app.metrics.api_call(self.name, method, result)
+        if method == "getUpdates" and self.ready.is_set() and not self._stopping:
+            self.app.health.adapter(self.name, "connected" if result == "ok" else "disconnected", "long polling")
 
     async def _start_receiving(self, application: Application) -> str:
         url = self.settings.telegram_webhook_url
