@@ -150,7 +150,9 @@ async def test_answers_wait_with_their_queue_position_when_the_kv_cache_budget_i
     assert model.scheduler.budget == backend.kv_budget_tokens > 1000  # 4096 MiB of this tiny model's cache
     cost = backend.reserve_tokens(model.last_prompt, app.personas["internlm"].params)
     model.scheduler.budget = 2 * cost  # room for two such answers at once
-    await backend.call_in_worker(worker_hooks.sleep_before_forward, 0.02)
+    # Slow enough that the third waits longer than a status line needs to stand before it is
+    # shown (bot/streaming.py STATUS_DELAY).
+    await backend.call_in_worker(worker_hooks.sleep_before_forward, 0.1)
     surfaces = await asyncio.gather(*(ask(app, "count", f"m{i}") for i in range(3)))
     assert [s.messages for s in surfaces] == [[tiny_models.COUNT_ANSWER]] * 3
     statuses = [[w.text for w in s.writes if w.phase == "status"] for s in surfaces]
