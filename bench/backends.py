@@ -92,6 +92,7 @@ async def run(model: str, tokens: int, rounds: int, device: str) -> None:
     finally:
         server.terminate()
         server.wait(10)
+        local.close()
 
 
 def main() -> None:

@@ -2,8 +2,10 @@
 
 For each model (the tiny test model, and a random-weight Llama sized to take ~20 ms per token
 on this CPU) it measures, alternating runs to share any drift:
-- raw: `model.generate` with a streamer on the same prompt ids, greedy, a fixed token count;
-- bot: `App.handle` through the console adapter with output discarded (same persona prompt).
+- raw: `model.generate` with a streamer on the same prompt ids, greedy, a fixed token count,
+  timed in the process where the bot's model lives, on that model object (bench/baselines.py);
+- bot: `App.handle` through the console adapter with output discarded (same persona prompt),
+  the model in its generation process (`--host thread`: on a thread of this process).
 It prints tokens/s of each, their ratio (goal ≥ 0.97) and the bot's added first-token latency
 (goal ≤ 20 ms).
 
@@ -31,11 +33,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the bench trains a tokenizer, then starts processes
 
 import torch  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import baselines  # noqa: E402  (bench/baselines.py)
 from adapters.console import ConsoleAdapter  # noqa: E402
 from bot.app import App  # noqa: E402
 from bot.config import Settings  # noqa: E402
@@ -58,6 +63,11 @@ def random_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int, heads
     """A Llama with random weights and the tiny tokenizer; end-of-turn logits suppressed so
     every greedy run produces exactly the requested number of tokens."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cache = os.environ.get("BENCH_MODEL_CACHE")  # reuse across bench scripts (bench/gpu_all.sh)
+    if cache:
+        out = Path(cache) / f"llama-{hidden}x{layers}-h{heads}-kv{kv_heads}-ff{intermediate}-v{len(tokenizer)}"
+        if (out / "params.txt").exists():
+            return out, int((out / "params.txt").read_text())
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or hidden * 11 // 4,
@@ -71,37 +81,24 @@ def random_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int, heads
     params = sum(p.numel() for p in model.parameters())
     model.to(torch.bfloat16).save_pretrained(out)  # half the bytes to write; loads in any dtype
     tokenizer.save_pretrained(out)
+    (out / "params.txt").write_text(str(params))
     return out, params
 
 
-def raw_run(backend, prompt_ids: list[int], tokens: int) -> tuple[float, float]:
-    """(tokens/s, first-token latency) of model.generate with a plain streamer."""
-    first: list[float] = []
-
-    class Streamer:
-        seen_prompt = False
-
-        def put(self, value):
-            if not self.seen_prompt:
-                self.seen_prompt = True
-                return
-            if not first:
-                first.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    ids = torch.tensor([prompt_ids], device=backend.device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        out = backend.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
-            eos_token_id=backend.eos_ids, pad_token_id=backend.eos_ids[0], streamer=Streamer(),
-            temperature=None, top_p=None, top_k=None,
-        )
-    elapsed = time.perf_counter() - started
-    produced = out.shape[1] - ids.shape[1]
-    return produced / elapsed, first[0] - started
+def raw_run(loop, backend, prompt_ids: list[int], tokens: int) -> tuple[float, float]:
+    """(tokens/s, first-text latency) of model.generate, greedy, timed where the bot's model
+    lives (its generation process), on the same model object. First text: the first token after
+    which the answer has visible text, as the bot's console counts it (a random model may begin
+    with whitespace or half a character; both paths then wait for more tokens)."""
+    elapsed, times, ids = loop.run_until_complete(
+        backend.call_in_worker(baselines.generate_timed, prompt_ids, tokens, backend.eos_ids))
+    first = times[-1] if times else elapsed
+    for n in range(1, len(ids) + 1):
+        text = backend.tokenizer.decode(ids[:n], skip_special_tokens=True)
+        if text.strip() and not text.endswith("\ufffd"):
+            first = times[n - 1]
+            break
+    return len(ids) / elapsed, first
 
 
 async def bot_run(app: App, text: str) -> tuple[float, float, int, float]:
@@ -196,11 +193,12 @@ class _FirstWrite(io.TextIOBase):
 
 def bench_model(
     label: str, path: Path, tokens: int, repeats: int, data_dir: Path, device: str = "cpu", dtype: str = "auto",
-    metrics: bool = False, scrape_every: float = 5.0,
+    metrics: bool = False, scrape_every: float = 5.0, host: str = "process",
 ) -> dict:
     settings = Settings(
         _env_file=None, chat_model=str(path), data_dir=data_dir, device=device, dtype=dtype, temperature=0.0,
         max_new_tokens=tokens, max_context_tokens=4096, rate_limit_messages=1000, metrics_port=None,
+        generation_host=host,
     )
     app = App(settings)  # metrics off (METRICS_PORT empty)
     watched = App(settings.model_copy(update={"metrics_port": 0, "data_dir": data_dir / "on"}), hub=app.hub) if metrics else None
@@ -215,8 +213,8 @@ def bench_model(
     backend = app.hub.get("chat").backend
     raw_tps, raw_first, bot_tps, bot_first, on_tps, off_tps, on_cpu, off_cpu = [], [], [], [], [], [], [], []
     question = "code"
-    for repeat in range(repeats):
-        if watched is not None:  # metrics on and off on the same loaded model, in turns
+    for repeat in range(-1, repeats):  # round -1, unmeasured: both paths see these shapes once
+        if watched is not None and repeat >= 0:  # metrics on and off on the same loaded model, in turns
             for on in (True, False) if repeat % 2 == 0 else (False, True):
                 loop.run_until_complete(bot_run(watched if on else app, "/reset"))
                 runs = scraped.run(question) if on else bot_run(app, question)
@@ -225,12 +223,13 @@ def bench_model(
                 (on_cpu if on else off_cpu).append(per_cpu)
         loop.run_until_complete(bot_run(app, "/reset"))
         tps, first, produced, _ = loop.run_until_complete(bot_run(app, question))
-        bot_tps.append(tps)
-        bot_first.append(first)
-        prompt = app.hub.get("chat").last_prompt
-        tps, first = raw_run(backend, backend.encode(prompt), produced)
-        raw_tps.append(tps)
-        raw_first.append(first)
+        tps_raw, first_raw = raw_run(loop, backend, backend.encode(app.hub.get("chat").last_prompt), produced)
+        if repeat >= 0:
+            bot_tps.append(tps)
+            bot_first.append(first)
+            raw_tps.append(tps_raw)
+            raw_first.append(first_raw)
+    app.hub.close()
     loop.close()
     app.store.close()
     if watched is not None:
@@ -240,11 +239,12 @@ def bench_model(
     raw, bot = statistics.median(raw_tps), statistics.median(bot_tps)
     result = {
         "model": label,
+        "host": backend.host_kind,
         "tokens": produced,
         "ms/token (raw)": 1000 / raw,
         "raw tok/s": raw,
         "bot tok/s": bot,
-        "ratio": bot / raw,
+        "ratio": statistics.median(b / r for r, b in zip(raw_tps, bot_tps)),  # adjacent runs share the load
         "added first-token ms": 1000 * (statistics.median(bot_first) - statistics.median(raw_first)),
     }
     if watched is not None:
@@ -271,6 +271,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     parser.add_argument("--skip-tiny", action="store_true", help="only the random model (no tiny-model training)")
+    parser.add_argument("--host", default="process", choices=["process", "thread"], help="where the bot's model generates")
     parser.add_argument("--metrics", action="store_true", help="also compare metrics on (and scraped) with metrics off")
     parser.add_argument("--scrape-every", type=float, default=5.0, help="seconds between scrapes with --metrics (the page polls every 5 s)")
     args = parser.parse_args()
@@ -282,11 +283,13 @@ def main() -> None:
             tokenizer_dir = bench_tokenizer(Path(tmp) / "tokenizer")
         else:
             tokenizer_dir = tiny_models.chat_model_path()
-            rows.append(bench_model("tiny test model", tokenizer_dir, args.tokens, args.repeats, Path(tmp) / "d1", args.device, args.dtype, args.metrics, args.scrape_every))
+            rows.append(bench_model("tiny test model", tokenizer_dir, args.tokens, args.repeats, Path(tmp) / "d1", args.device, args.dtype, args.metrics, args.scrape_every,
+                                    args.host))
         shape = INTERNLM2_1_8B if args.internlm2 else dict(hidden=args.hidden, layers=args.layers)
         big, params = random_model(tokenizer_dir, Path(tmp) / "random", **shape)
         label = f"random Llama {params / 1e6:.0f}M" + (" (InternLM2-1.8B shape)" if args.internlm2 else "")
-        rows.append(bench_model(label, big, args.tokens, args.repeats, Path(tmp) / "d2", args.device, args.dtype, args.metrics, args.scrape_every))
+        rows.append(bench_model(label, big, args.tokens, args.repeats, Path(tmp) / "d2", args.device, args.dtype, args.metrics, args.scrape_every,
+                                    args.host))
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, dtype {args.dtype}, {args.tokens} tokens, median of {args.repeats}")
     header = list(rows[0])

@@ -107,6 +107,8 @@ def role_specs(settings: Settings) -> dict[str, RoleSpec]:
                 settings.openai_max_concurrent if settings.backend_for(role) == "openai" else settings.max_concurrent_generations
             ),
             max_context_tokens=settings.max_context_tokens,
+            kv_cache_mb=settings.kv_cache_mb,
+            generation_host=settings.generation_host,
             timeout=settings.openai_timeout,
             max_retries=settings.openai_max_retries,
         )

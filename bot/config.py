@@ -69,7 +69,10 @@ class Settings(BaseSettings):
     bajie_hub: Literal["", "huggingface", "modelscope"] = "modelscope"  # Bajie is published there; empty: MODEL_HUB
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    max_concurrent_generations: int = Field(1, ge=1)  # per loaded model
+    # In-process text models decode this many answers together (continuous batching).
+    max_concurrent_generations: int = Field(16, ge=1)  # per loaded model
+    kv_cache_mb: int = Field(4096, ge=16)  # KV cache budget per in-process text model
+    generation_host: Literal["process", "thread"] = "process"  # where in-process models generate
     preload_models: bool = False  # load in-process models at start (default: on first use)
     max_context_tokens: int = Field(8192, ge=256)  # prompt + answer budget
 

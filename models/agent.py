@@ -203,6 +203,10 @@ class _Either(Cancel):
     def is_set(self) -> bool:
         return any(flag.is_set for flag in self.flags)
 
+    def on_set(self, callback):
+        unsubscribe = [flag.on_set(callback) for flag in self.flags]
+        return lambda: [u() for u in unsubscribe]
+
 
 # -- running a turn ------------------------------------------------------------------------------
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, replace
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 
 @dataclass(frozen=True)
@@ -38,17 +38,41 @@ class GenerationParams:
 
 
 class Cancel:
-    """A thread-safe cancellation flag shared by the caller and the generating thread."""
+    """A thread-safe cancellation flag shared by the caller and the generation; callbacks
+    registered with `on_set` run once, on the thread that sets it (so /stop reaches a
+    generation engine at once instead of at its next check)."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
 
     def set(self) -> None:
-        self._event.set()
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
 
     @property
     def is_set(self) -> bool:
         return self._event.is_set()
+
+    def on_set(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` when set (now, if already set). Returns a function that unsubscribes."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return lambda: self._discard(callback)
+        callback()
+        return lambda: None
+
+    def _discard(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
 
 
 class ModelError(Exception):

@@ -40,7 +40,7 @@ def backend_memory(backend: object) -> int | None:
     for a model server, whose memory is its own."""
     model = getattr(backend, "model", None)
     if not isinstance(model, torch.nn.Module):
-        return None
+        return getattr(backend, "memory_bytes", None)  # as reported by its generation process
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(b.numel() * b.element_size() for b in model.buffers())
     device = str(getattr(backend, "device", ""))

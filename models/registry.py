@@ -36,8 +36,10 @@ class RoleSpec:
     api_key: str = ""
     device: str = "auto"
     dtype: str = "auto"
-    max_concurrency: int = 1
+    max_concurrency: int = 1  # in-process text models: the batch size
     max_context_tokens: int = 8192
+    kv_cache_mb: int = 4096  # in-process text models: KV cache budget per loaded model
+    generation_host: str = "process"  # in-process text models: process | thread
     timeout: float = 120.0
     max_retries: int = 3
 
@@ -66,19 +68,26 @@ def build_backend(spec: RoleSpec) -> ChatBackend:
                 path, model=spec.model, variable=spec.variable, device=spec.device, dtype=spec.dtype,
                 max_context_tokens=spec.max_context_tokens,
             )
-        backend = TransformersBackend(path, device=spec.device, dtype=spec.dtype, max_context_tokens=spec.max_context_tokens)
+        backend = TransformersBackend(
+            path, device=spec.device, dtype=spec.dtype, max_context_tokens=spec.max_context_tokens,
+            max_batch=spec.max_concurrency, kv_cache_mb=spec.kv_cache_mb, host=spec.generation_host,
+        )
         backend.load()
         return backend
     raise ModelUnavailable(f"{spec.role.upper()}_BACKEND={spec.backend} is not supported")
 
 
 class ScheduledModel:
-    """A backend behind a fair queue, loaded on first use."""
+    """A backend behind a fair queue, loaded on first use.
+
+    In-process text models batch up to `max_concurrency` answers within their KV cache budget;
+    in-process vision models answer one at a time; servers take `max_concurrency` requests."""
 
     def __init__(self, spec: RoleSpec, factory: Callable[[RoleSpec], ChatBackend] = build_backend) -> None:
         self.spec = spec
         self.factory = factory
-        self.scheduler = FairScheduler(spec.max_concurrency)
+        one_at_a_time = spec.role == "vision" and spec.backend == "transformers"
+        self.scheduler = FairScheduler(1 if one_at_a_time else spec.max_concurrency)
         self.backend: ChatBackend | None = None
         self.last_prompt: list[ChatMessage] = []  # for debugging, tests and benches
         self.last_stats = StreamStats()
@@ -92,7 +101,12 @@ class ScheduledModel:
                     self.figures.loading()
                     started = time.perf_counter()
                     try:
-                        self.backend = await asyncio.to_thread(self.factory, self.spec)
+                        backend = await asyncio.to_thread(self.factory, self.spec)
+                        self.scheduler.budget = getattr(backend, "kv_budget_tokens", None)
+                        engine = getattr(backend, "metrics", None)
+                        if engine is not None:
+                            engine.figures = self.figures  # the engine keeps figures.batch_size current
+                        self.backend = backend
                     except ModelUnavailable as exc:
                         self.figures.failed(str(exc))
                         raise
@@ -151,12 +165,14 @@ class ScheduledModel:
         if self.backend is None:
             notify("loading", 0)
         backend = await self.ensure_loaded()
-        async with self.scheduler.slot(tenant, lambda n: notify("queued", n) if n else notify("running", 0)):
+        prompt = messages(backend) if callable(messages) else messages
+        if not backend.capabilities.images and any(m.image is not None for m in prompt):
+            raise ModelUnavailable(f"{self.spec.variable}={self.spec.model} does not take pictures")
+        reserve = getattr(backend, "reserve_tokens", None)
+        cost = reserve(prompt, params) if reserve is not None else 0
+        async with self.scheduler.slot(tenant, lambda n: notify("queued", n) if n else notify("running", 0), cost=cost):
             if cancel.is_set:
                 return
-            prompt = messages(backend) if callable(messages) else messages
-            if not backend.capabilities.images and any(m.image is not None for m in prompt):
-                raise ModelUnavailable(f"{self.spec.variable}={self.spec.model} does not take pictures")
             stats = stats if stats is not None else StreamStats()
             self.last_prompt, self.last_stats = prompt, stats
             options = {"skip_special_tokens": False} if special_tokens and backend.capabilities.special_tokens else {}
@@ -167,6 +183,24 @@ class ScheduledModel:
                         yield delta
             finally:
                 self.figures.stream_done(stats.completion_tokens, time.perf_counter() - started)
+
+
+    def metrics(self) -> dict[str, float]:
+        """For logs and monitoring: answers waiting and running, and the engine's figures
+        (batch size, decode tokens/s, tokens generated) for in-process text models."""
+        values: dict[str, float] = {"queued": self.scheduler.waiting, "running": self.scheduler.active}
+        engine = getattr(self.backend, "metrics", None)
+        if engine is not None:
+            values.update(batch_size=engine.batch_size, tokens_per_s=engine.tokens_per_s, tokens_total=engine.tokens)
+        if self.scheduler.budget is not None:
+            values.update(kv_budget_tokens=self.scheduler.budget, kv_reserved_tokens=self.scheduler.reserved)
+        return values
+
+    def close(self) -> None:
+        """Stop the model's generation process (if any)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
 
 class ModelHub:
@@ -212,3 +246,7 @@ class ModelHub:
     @property
     def loaded(self) -> list[ScheduledModel]:
         return [m for m in self._shared.values() if m.backend is not None]
+
+    def close(self) -> None:
+        for model in self.loaded:
+            model.close()

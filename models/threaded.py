@@ -1,7 +1,7 @@
 """The one `stream` of the backends whose model generates on a worker thread.
 
 A backend says how to start one generation (`_generation`: a `generate(bridge)` callable and
-the prompt's token count); `stream` runs it through `transformers_backend.stream_from_thread`
+the prompt's token count); `stream` runs it through `thread_stream.stream_from_thread`
 (cancellation, stop strings, stats) and closes it with the caller.
 """
 
@@ -12,7 +12,7 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable
 
 from .base import Cancel, ChatMessage, GenerationParams, ModelError, StreamStats
-from .transformers_backend import stream_from_thread
+from .thread_stream import stream_from_thread
 
 Generation = tuple[Callable[[dict], object], int]  # (generate(bridge), prompt tokens)
 

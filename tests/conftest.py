@@ -69,6 +69,7 @@ def make_settings(tmp_path, tiny_chat_model, tiny_bajie_model):
             temperature=0.0,
             max_new_tokens=64,
             max_context_tokens=2048,
+            generation_host="thread",  # no process start per App; tests/test_batching.py uses processes
         )
         values.update(overrides)
         return Settings(_env_file=None, **values)
@@ -90,4 +91,5 @@ def make_app(make_settings):
 
     yield make
     for app in apps:
+        app.hub.close()
         app.store.close()

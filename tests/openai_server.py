@@ -312,14 +312,15 @@ def parse_params(body: dict) -> GenerationParams:
         raise BadRequest(f"bad sampling parameters: {exc}") from None
 
 
-def load_backend(path: str, device: str = "cpu"):
-    """A text or vision backend for the checkpoint at `path`, as the bot would load it."""
+def load_backend(path: str, device: str = "cpu", host: str = "thread"):
+    """A text or vision backend for the checkpoint at `path`, as the bot would load it (text
+    models generate on a thread of this process unless `host` is "process")."""
     from models.transformers_backend import TransformersBackend
     from models.vision import detect_kind, load_vision_backend, read_config
 
     if detect_kind(read_config(path)) is not None:
         return load_vision_backend(path, model=path, device=device)
-    backend = TransformersBackend(path, device=device)
+    backend = TransformersBackend(path, device=device, host=host)
     backend.load()
     return backend
 

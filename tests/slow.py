@@ -3,11 +3,11 @@ tests can act while an answer is still streaming regardless of how fast the mach
 
 from __future__ import annotations
 
-import time
+from tests import worker_hooks
 
 
-async def slow_down(app, role: str = "chat", seconds_per_token: float = 0.02):
-    """Load the role's model and sleep before each forward pass. Returns the hook handle."""
+async def slow_down(app, role: str = "chat", seconds_per_token: float = 0.02) -> None:
+    """Load the role's model and sleep before each forward pass, where the model runs."""
     model = app.hub.get(role)
     await model.ensure_loaded()
-    return model.backend.model.register_forward_pre_hook(lambda *_: time.sleep(seconds_per_token))
+    await model.backend.call_in_worker(worker_hooks.sleep_before_forward, seconds_per_token)

@@ -129,8 +129,7 @@ async def test_cancel_closes_the_stream_and_the_server_stops_generating(served):
         generation = server.generations[-1]
         await generation.done.wait()
         assert generation.finish == "disconnected" and generation.completion_tokens < 3000
-        generation.worker.join(10)
-        assert not generation.worker.is_alive()  # the generate thread has returned
+        assert served["tiny-chat"].in_flight == 0  # the engine dropped the row
         # Leaving early (the consumer goes away) closes the connection just the same.
         async with aclosing(b.stream(user("code"), params=GREEDY.with_(max_new_tokens=3000), cancel=Cancel())) as deltas:
             async for _ in deltas:

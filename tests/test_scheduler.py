@@ -103,3 +103,48 @@ async def test_two_slots_run_two_at_once():
 
     await asyncio.gather(*(job(f"t{i % 3}") for i in range(9)))
     assert peak == 2 and scheduler.active == 0
+
+
+async def test_kv_budget_holds_requests_back_with_their_position_and_admits_them_as_memory_frees():
+    # Batch size 8, but the cache holds 300 entries: rows pad to the longest, so n requests
+    # whose largest cost is c need n * c entries.
+    scheduler = FairScheduler(capacity=8, budget=300)
+    releases = {name: asyncio.Event() for name in ("a", "b", "c", "d")}
+    admitted: list[str] = []
+    positions: dict[str, list[int]] = {name: [] for name in releases}
+
+    async def job(name: str, cost: int):
+        async with scheduler.slot(name, positions[name].append, cost=cost):
+            admitted.append(name)
+            await releases[name].wait()
+
+    tasks = [asyncio.create_task(job("a", 100))]
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(job("b", 100)))  # 2 * 100 fits
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(job("c", 120)))  # 3 * 120 = 360 > 300: waits
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(job("d", 10)))  # would fit, but waits its turn behind c
+    await asyncio.sleep(0)
+    assert admitted == ["a", "b"] and scheduler.reserved == 200
+    assert positions["c"] == [1] and positions["d"] == [2]
+    releases["a"].set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert admitted == ["a", "b", "c"]  # 2 * 120 = 240 fits; d then needs 3 * 120 = 360
+    assert positions["d"] == [2, 1] and scheduler.waiting == 1
+    releases["b"].set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert admitted == ["a", "b", "c", "d"]
+    releases["c"].set()
+    releases["d"].set()
+    await asyncio.gather(*tasks)
+    assert scheduler.active == 0 and scheduler.reserved == 0
+
+
+async def test_a_request_larger_than_the_budget_still_runs_alone():
+    scheduler = FairScheduler(capacity=4, budget=100)
+    async with scheduler.slot("big", cost=500):
+        assert scheduler.active == 1
+    assert scheduler.reserved == 0

@@ -344,7 +344,8 @@ async def test_sandbox_runs_and_picture_intake_are_counted_by_outcome(make_app):
 
 async def test_queue_length_shows_while_a_second_user_waits_for_the_model(make_app):
     async with FakeTelegram(TOKEN) as fake:
-        app = make_app(**telegram_settings(fake), max_new_tokens=1800)  # a long answer holds the model
+        # one answer at a time (the default batches 16), and a long answer holds the model
+        app = make_app(**telegram_settings(fake), max_new_tokens=1800, max_concurrent_generations=1)
         model, label = app.hub.get("chat"), label_of(app, "chat")
         async with status_server(app) as base, aiohttp.ClientSession() as http, running_bot(app):
             first, second = fake.private_chat(42), fake.private_chat(43)
