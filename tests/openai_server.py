@@ -9,8 +9,9 @@ away (the next write fails; the backend stream is closed, which stops `generate`
 
 Strict about requests: unknown models are 404, malformed messages or image parts 400, a wrong
 API key 401. Faults for tests: `go_down()` / `come_up()` (stop / resume listening on the same
-port), `fail_next(n, status)` (answer n requests with that HTTP status), `drop_after(chunks)`
-(cut the TCP connection mid-stream of the next streaming request), `stall_next(seconds)` (say
+port), `fail_next(n, status)` (answer n requests with that HTTP status), `drop_after(chars)`
+(cut the TCP connection of the next streaming request once it has sent that many characters of
+the answer; counted in characters, not chunks, because a busy backend coalesces its deltas), `stall_next(seconds)` (say
 nothing before answering), `pause_after(chunks, seconds)` (go silent mid-stream).
 
     async with OpenAICompatibleServer({"tiny-chat": backend}) as server:
@@ -117,8 +118,8 @@ class OpenAICompatibleServer:
     def fail_next(self, n: int = 1, status: int = 500) -> None:
         self._failures.extend([status] * n)
 
-    def drop_after(self, chunks: int) -> None:
-        self._drop_after = chunks
+    def drop_after(self, chars: int) -> None:
+        self._drop_after = chars
 
     def pause_after(self, chunks: int, seconds: float) -> None:
         """In the next stream, go silent for `seconds` after `chunks` chunks (a busy engine)."""
@@ -213,7 +214,10 @@ class OpenAICompatibleServer:
                                                stats=stats, skip_special_tokens=skip)) as deltas:
                 generation.worker = getattr(backend, "last_worker", None)
                 async for delta in deltas:
-                    if drop_after is not None and sent >= drop_after:
+                    if drop_after is not None and len(generation.text) + len(delta) > drop_after:
+                        if head := delta[:drop_after - len(generation.text)]:
+                            generation.text += head
+                            await send({"content": head})
                         generation.finish = "dropped"
                         request.transport.abort()  # mid-stream: no terminating chunk, no [DONE]
                         return response

@@ -202,10 +202,10 @@ async def test_500s_are_retried_and_a_persistent_500_fails_the_answer(make_app, 
 async def test_a_stream_cut_mid_answer(make_app, served):
     async with OpenAICompatibleServer(served) as server:
         app = make_app(**openai_settings(server))
-        server.drop_after(2)
+        server.drop_after(len("one two "))
         shown = await ask(app, "count")
         answer, _, notice = shown.partition("\n\n")
-        assert tiny_models.COUNT_ANSWER.startswith(answer) and 0 < len(answer) < len(tiny_models.COUNT_ANSWER)
+        assert answer.strip() == "one two"  # what was sent before the cut, and nothing more
         assert notice == t("model_failed", "en")
         assert server.generations[-1].finish == "dropped"
         # Cut before anything was shown: retried, and the user never notices.
