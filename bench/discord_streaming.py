@@ -2,7 +2,9 @@
 on the `openai` backend, served by a model server in another process that streams a 500-token
 answer at one token per 20 ms (bench/paced_server.py); every other setting is the default.
 The fake Discord enforces 5 writes per 5 s per channel, 5 per 2 s per interaction token and
-50 requests in any second over all REST requests, and takes a random 3-60 ms per request.
+50 bot-token requests in any second (interaction routes are exempt, as Discord documents;
+`--global-routes all` counts them too, stricter than Discord), and takes a random 3-60 ms per
+request.
 
 Reports per N: time to defer (goal p99 ≤ 500 ms), writes per reply after the defer, 429s,
 message → first answer text (the interaction reaching the bot → the first write showing answer
@@ -10,7 +12,7 @@ text; compare the model's own first token), token → visible delay, complete re
 Goals: 0 × 429; first text at N=1 ≤ the model's first token + 0.3 s, at N=50 p50 ≤ 2 s; token →
 visible p50 ≤ 0.6 s; every reply complete.
 
-    .venv/bin/python bench/discord_streaming.py [--n 1 10 50] [--tokens 500] [--every 0.02]
+    .venv/bin/python bench/discord_streaming.py [--n 1 10 50] [--tokens 500] [--every 0.02] [--global-routes all]
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-async def bench_once(n: int, server: PacedServer, jitter: tuple[float, float]) -> dict[str, float]:
+async def bench_once(n: int, server: PacedServer, jitter: tuple[float, float], global_routes: str) -> dict[str, float]:
     tokens = server.tokens
     with tempfile.TemporaryDirectory() as tmp:
-        fake = FakeDiscord(jitter=jitter)
+        fake = FakeDiscord(jitter=jitter, global_routes=global_routes)
         settings = Settings(_env_file=None, data_dir=Path(tmp), discord_bot_token=fake.token, **openai_settings(server))
         app = App(settings)
         async with fake, running(app, fake):
@@ -85,15 +87,18 @@ async def main() -> None:
     parser.add_argument("--every", type=float, default=0.02, help="seconds per token")
     parser.add_argument("--jitter", type=float, nargs=2, default=(0.003, 0.060), metavar=("MIN", "MAX"),
                         help="seconds each REST request takes, at random")
+    parser.add_argument("--global-routes", choices=("bot", "all"), default="bot",
+                        help="what the 50/s overall cap counts: bot-token requests (Discord's rule) or all")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     print(f"answer: {args.tokens} tokens x {args.every * 1000:.0f} ms; REST jitter {args.jitter[0] * 1000:.0f}-"
-          f"{args.jitter[1] * 1000:.0f} ms; limits 5/5 s per channel, 5/2 s per token, 50/s overall")
+          f"{args.jitter[1] * 1000:.0f} ms; limits 5/5 s per channel, 5/2 s per token, 50/s overall "
+          f"({'bot-token requests' if args.global_routes == 'bot' else 'all requests, interaction routes included'})")
     print(f"{'N':>4} {'defer p50':>10} {'defer p99':>10} {'writes/reply':>12} {'429s':>5} {'1st text p50':>12} "
           f"{'1st text max':>12} {'model 1st tok':>13} {'visible p50':>11} {'visible p90':>11} {'errors':>6} {'complete':>8}")
     with PacedServer(tokens=args.tokens, every=args.every) as server:
         for n in args.n:
-            r = await bench_once(n, server, tuple(args.jitter))
+            r = await bench_once(n, server, tuple(args.jitter), args.global_routes)
             print(
                 f"{r['n']:>4} {r['defer_p50_ms']:>8.1f}ms {r['defer_p99_ms']:>8.1f}ms {r['writes_per_reply']:>12.1f} "
                 f"{r['http_429']:>5} {r['first_text_p50']:>11.2f}s {r['first_text_max']:>11.2f}s "

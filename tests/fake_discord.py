@@ -13,9 +13,9 @@ messages, malformed components and unknown commands are 400s; an interaction ack
 3 s fails with 10062, twice with 40060; expired interaction tokens give 50027; rate-limit buckets
 answer with X-RateLimit-* headers and Discord-shaped 429s (with the `Via` header discord.py needs
 to retry): 5 writes per 5 s per channel, 5 per 2 s per interaction token, and 50 requests in any
-second overall. The overall cap counts every REST request by default, interaction callbacks and
-webhooks included (stricter than Discord, which exempts interaction routes; `global_routes="bot"`
-for Discord's exact rule). Like a real network and server, each REST request takes a random 3 to
+second overall. The overall cap counts bot-token requests, as Discord documents ("interaction
+endpoints are not bound to the bot's Global Rate Limit"); `global_routes="all"` counts interaction
+callbacks and webhooks too, stricter than Discord. Like a real network and server, each REST request takes a random 3 to
 60 ms (`jitter`), and it takes effect at a random point within that time. Every error it returns
 is recorded in `errors`, so a test can assert there were none.
 
@@ -227,7 +227,7 @@ class FakeDiscord:
         message_bucket: tuple[int, float] = (5, 5.0),  # per channel
         webhook_bucket: tuple[int, float] = (5, 2.0),  # per interaction token
         global_limit: int = 50,  # requests in any second
-        global_routes: str = "all",  # "all" REST requests, or "bot": bot-token routes only (Discord's rule)
+        global_routes: str = "bot",  # "bot": bot-token routes only (Discord's rule), or "all" REST requests
         jitter: tuple[float, float] = (0.003, 0.060),  # seconds each REST request takes, at random
         seed: int = 0,
     ) -> None:

@@ -232,8 +232,8 @@ class DiscordAdapter:
         await self._serve(incoming, self._answer(incoming, surface, self.app.handle))
 
     async def _urgently(self, request: Callable[[], Any]) -> Any:
-        """Acknowledge an interaction (due within 3 s) ahead of every other write."""
-        return await within(await self.pacer.take(None, "urgent"), self.pacer, request)
+        """Acknowledge an interaction (due within 3 s): not bound by the overall budget."""
+        return await within(await self.pacer.take("interaction", "urgent"), self.pacer, request)
 
     async def _answer(self, incoming: Incoming, surface: InteractionSurface,
                       handler: Callable[[Incoming, Any], Any]) -> None:

@@ -15,8 +15,10 @@ So every write takes a place first, in the overall budget and in its channel's o
   and never takes a channel's or token's last places.
 
 A request holds its place from when it starts until a window's length after it completed
-(Discord counts it somewhere in between). Interaction routes are counted in the overall budget
-too, although Discord exempts them: a second of margin is cheaper than a 429.
+(Discord counts it somewhere in between). Interaction routes (the acknowledgement, and the
+webhook edits and follow-ups its token opens) take places only in their token's window: Discord
+documents that "interaction endpoints are not bound to the bot's Global Rate Limit", and so a
+burst of slash commands never waits behind, or crowds out, channel messages.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class Slot:
 
 class Pacer:
     """Shared by all answers of one Discord adapter. `scope` names a write's bucket:
-    "channel:<id>", "token:<interaction id>" or None (the overall budget only)."""
+    "channel:<id>" (and the overall budget), "token:<interaction id>" (that token's window only),
+    "interaction" (an acknowledgement: no window at all) or None (the overall budget only)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.clock = clock
@@ -73,6 +76,15 @@ class Pacer:
         self._waiting = 0  # urgent and final writes waiting
 
     # -- the windows ---------------------------------------------------------------------
+    @staticmethod
+    def _keys(scope: str | None) -> tuple[str, ...]:
+        """The windows a write to `scope` counts in."""
+        if scope is None:
+            return ("overall",)
+        if scope == "interaction":
+            return ()
+        return (scope,) if scope.startswith("token:") else ("overall", scope)
+
     @staticmethod
     def _limit(key: str) -> tuple[int, float]:
         if key == "overall":
@@ -106,8 +118,7 @@ class Pacer:
     def wait_for(self, scope: str | None, kind: Kind) -> float:
         """Seconds until a write of this kind might find its places (0: now)."""
         now = self.clock()
-        keys = ("overall",) if scope is None else ("overall", scope)
-        return max(self._wait(key, self._allowed(key, kind), now) for key in keys)
+        return max((self._wait(key, self._allowed(key, kind), now) for key in self._keys(scope)), default=0.0)
 
     @property
     def busy(self) -> bool:
@@ -120,25 +131,27 @@ class Pacer:
         """A place now, or None. Streaming writes (`answer` names the answer) yield to waiting
         finals and to answers that waited longer; status writes go only when nothing waits."""
         now = self.clock()
-        if kind == "status" and self.busy:
+        keys = self._keys(scope)
+        shares_overall = "overall" in keys  # then it waits its turn there
+        if kind == "status" and shares_overall and self.busy:
             self.stats.status_skipped += 1
             return None
-        if self.wait_for(scope, kind) > 0 or (kind == "streaming" and not self._my_turn(answer, now)):
+        if self.wait_for(scope, kind) > 0 or (kind == "streaming" and shares_overall and not self._my_turn(answer, now)):
             if kind == "streaming":
                 self.stats.deferred += 1
-                if answer is not None:
+                if answer is not None and shares_overall:
                     self._queued[answer] = (self._last.get(answer, 0.0), now)
             elif kind == "status":
                 self.stats.status_skipped += 1
             return None
-        slot = Slot(("overall",) if scope is None else ("overall", scope))
+        slot = Slot(keys)
         for key in slot.keys:
             self._slots.setdefault(key, []).append(slot)
         self.stats.requests += 1
         if self.stats.requests % 1000 == 0:  # forget channels and tokens that fell quiet
             for key in list(self._slots):
                 self._counting(key, now)
-        if answer is not None:
+        if answer is not None and shares_overall:
             self._queued.pop(answer, None)
             self._last[answer] = now
             if len(self._last) > 10_000:  # forget answers that have been quiet for a minute
@@ -159,7 +172,8 @@ class Pacer:
 
     async def take(self, scope: str | None, kind: Kind = "final") -> Slot:
         """Wait for a place (urgent and final writes)."""
-        self._waiting += 1
+        waits_overall = "overall" in self._keys(scope)  # streaming yields to it there
+        self._waiting += waits_overall
         try:
             slot = self.try_take(scope, kind)
             if slot is None:
@@ -169,7 +183,7 @@ class Pacer:
                 slot = self.try_take(scope, kind)
             return slot
         finally:
-            self._waiting -= 1
+            self._waiting -= waits_overall
 
     def release(self, slot: Slot) -> None:
         slot.done_at = self.clock()

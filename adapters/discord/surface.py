@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 DISCORD_MAX = 2000
 HEADER_RESERVE = 40  # "-# " + a persona title of at most 32 characters + newline
 LIMITS = SurfaceLimits(max_length=DISCORD_MAX - HEADER_RESERVE, min_edit_interval=1.0)  # channels: 5 writes / 5 s
-# An interaction token allows 5 requests / 2 s: about one edit a second, spaced from completion
-INTERACTION_LIMITS = SurfaceLimits(max_length=DISCORD_MAX - HEADER_RESERVE, min_edit_interval=0.9)
+# An interaction token allows 5 requests / 2 s: a little over one edit a second, spaced from completion
+INTERACTION_LIMITS = SurfaceLimits(max_length=DISCORD_MAX - HEADER_RESERVE, min_edit_interval=0.8)
 GONE_CODES = {10003, 10008, 10015, 10062, 50027}  # unknown channel/message/webhook/interaction, dead token
 
 
