@@ -85,12 +85,14 @@ async def test_sixty_slash_commands_and_sixty_mentions_at_once_meet_no_429_and_e
         interactions = await asyncio.gather(*(fake.slash("chat", u, prompt="ping") for u in users))
         for interaction in interactions:
             await until_done(fake, interaction)
-        replies = {m.reference_id: m for m in fake.bot_messages() if m.reference_id is not None}
-        await fake.wait_for(lambda: all(is_done(replies.get(q.id)) for q in asked) or replies.update(
-            {m.reference_id: m for m in fake.bot_messages() if m.reference_id is not None}), "every mention answered")
+
+        def replies() -> dict:
+            return {m.reference_id: m for m in fake.bot_messages() if m.reference_id is not None}
+
+        await fake.wait_for(lambda: all(is_done(replies().get(q.id)) for q in asked), "every mention answered")
         assert fake.rate_limited == 0 and fake.errors == [], (fake.errors, fake.global_hits)
         assert all(i.acked_at - i.dispatched_at < 3 for i in interactions)  # none missed its deadline
         assert [answer_text(i.messages) for i in interactions] == ["pong"] * 60
-        assert [answer_text([replies[q.id]]) for q in asked] == ["pong"] * 60
+        assert [answer_text([replies()[q.id]]) for q in asked] == ["pong"] * 60
         assert adapter.pacer.stats.requests >= 3 * 60  # every acknowledgement and every write took a place
         assert adapter.pacer.stats.waited > 0  # the mentions did meet the overall budget
