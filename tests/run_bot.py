@@ -31,11 +31,15 @@ def _slow_down(seconds: float) -> None:
     transformers.LlamaForCausalLM.forward = slow_forward
 
 
+# At module level, not under __main__: the model generates in a spawned process, which imports
+# this module again (as __mp_main__), and the slow-down must apply there.
+if os.environ.get("TEST_SECONDS_PER_TOKEN"):
+    _slow_down(float(os.environ["TEST_SECONDS_PER_TOKEN"]))
+
+
 if __name__ == "__main__":
     if os.environ.get("FAKE_DISCORD_API"):
         _point_discord_at_the_fake()
-    if os.environ.get("TEST_SECONDS_PER_TOKEN"):
-        _slow_down(float(os.environ["TEST_SECONDS_PER_TOKEN"]))
     from launcher.cli import main
 
     sys.exit(main(sys.argv[1:]))

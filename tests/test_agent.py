@@ -14,6 +14,7 @@ from adapters.console import ConsoleAdapter
 from bot.i18n import t
 from bot.messages import Incoming
 from tests import tiny_agent_model as agent_model
+from tests.slow import slow_down
 from tests.surfaces import RecordingSurface
 from tests.waiting import until
 
@@ -125,6 +126,7 @@ async def test_stop_kills_the_running_code_and_ends_the_turn(make_agent_app):
 
 async def test_stop_while_the_model_writes(make_agent_app):
     app = make_agent_app(max_new_tokens=400)
+    await slow_down(app, "agent", seconds_per_token=0.005)  # still writing when /stop comes, on any machine
     surface = RecordingSurface(interval=0.0)
     message = msg(f"/agent {agent_model.TICK_QUESTION}")
     answer = asyncio.create_task(app.handle(message, surface))

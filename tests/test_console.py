@@ -120,6 +120,7 @@ async def test_stop_ends_generation_within_a_token_and_frees_the_model(make_app)
     await model.ensure_loaded()
     backend = model.backend
     await backend.call_in_worker(worker_hooks.log_decode_batches)
+    await slow_down(app, seconds_per_token=0.005)  # the answer must still run when /stop comes, on any machine
     task = asyncio.create_task(app.handle(question, surface))
     await until(lambda: surface.messages and surface.messages[0].count("print") >= 3)
     assert backend.in_flight == 1 and backend.metrics.batch_size == 1
@@ -142,6 +143,7 @@ async def test_stop_ends_generation_within_a_token_and_frees_the_model(make_app)
 
 async def test_stop_typed_in_the_console_during_an_answer(make_app):
     app = make_app(max_new_tokens=3000)
+    await slow_down(app, seconds_per_token=0.005)  # still answering when /stop is typed, on any machine
     read_fd, write_fd = os.pipe()
     stdin, writer = os.fdopen(read_fd, "r"), os.fdopen(write_fd, "w")
     out = io.StringIO()

@@ -205,9 +205,12 @@ async def until(predicate, what: str) -> None:
 
 
 def one_streaming_one_queued(data) -> bool:
-    """Two answers stored with their platform message; the first has saved some text."""
+    """Two answers stored with their platform message; the first has saved its first code line
+    (its first save may hold only the opening fence: saves come every 2 s from the request, and a
+    slow model load can put the first one at the very first token)."""
     rows = saved_answers(data)
-    return len(rows) == 2 and all(r[3] for r in rows) and all(r[2] == "streaming" for r in rows) and bool(rows[0][1])
+    return (len(rows) == 2 and all(r[3] for r in rows) and all(r[2] == "streaming" for r in rows)
+            and CODE_LINE.strip() in rows[0][1])
 
 
 def run_bot_argv() -> list[str]:

@@ -21,6 +21,7 @@ from bot.metrics import model_names
 from bot.status_server import StatusServer
 from tests.fake_telegram import FakeTelegram
 from tests.headless_browser import Browser
+from tests.slow import slow_down
 from tests.telegram_harness import TOKEN, running_bot, telegram_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
@@ -347,6 +348,7 @@ async def test_queue_length_shows_while_a_second_user_waits_for_the_model(make_a
         # one answer at a time (the default batches 16), and a long answer holds the model
         app = make_app(**telegram_settings(fake), max_new_tokens=1800, max_concurrent_generations=1)
         model, label = app.hub.get("chat"), label_of(app, "chat")
+        await slow_down(app, seconds_per_token=0.005)  # the first answer still holds the model while we look
         async with status_server(app) as base, aiohttp.ClientSession() as http, running_bot(app):
             first, second = fake.private_chat(42), fake.private_chat(43)
             fake.send_text(first, 42, "code")
