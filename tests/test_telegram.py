@@ -207,8 +207,7 @@ async def test_stop_and_regenerate_buttons_work_only_for_the_asker(make_app):
             # cleared first: the tiny model is trained to answer after a short cut code answer,
             # and how long this one ran before the press depends on the machine's speed.
             fake.send_text(group, 5, "/reset@InternLMTestBot")
-            forgot = t("reset_done", "en", persona="\0").split("\0")[0]
-            await fake.wait_until(lambda: any(text.startswith(forgot) for text in fake.texts(group)))
+            await fake.wait_until(lambda: has_final(fake, group, t("reset_done", "en", persona=t("persona_internlm", "en"))))
             fake.send_text(group, 5, "@InternLMTestBot ping")
             await fake.wait_until(lambda: has_final(fake, group, "pong"))
             count = len(fake.messages(group))
